@@ -1,0 +1,134 @@
+"""The event envelope producers send, and the record the worker stores."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from ulid import ULID
+
+from .errors import InvalidEvent
+from .payloads import Payload, payload_type
+from .subjects import TOKEN_PATTERN, check_token
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "Event",
+    "EventBatch",
+    "MAX_BATCH_EVENTS",
+    "Outcome",
+    "OutcomeKind",
+    "StoredEvent",
+    "new_event",
+    "new_id",
+    "typed_data",
+]
+
+ENVELOPE_VERSION = 1
+MAX_BATCH_EVENTS = 1000
+
+Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+StreamName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One event as a producer publishes it.
+
+    `data` is a typed `Payload` for registered kinds, else a mapping. `expected_seq` makes the
+    append conditional: stored only if the stream's head is exactly that seq (0: new stream).
+    """
+
+    id: Id
+    tenant: Token
+    kind: Token
+    stream: StreamName
+    occurred_at: AwareTime
+    data: Any = {}
+    correlation_id: Id | None = None
+    causation_id: Id | None = None
+    expected_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    v: int = ENVELOPE_VERSION
+
+
+class EventBatch(msgspec.Struct, kw_only=True):
+    """Events appended as one unit: all commit with consecutive seqs, or none do."""
+
+    events: Annotated[list[Event], msgspec.Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
+
+
+class StoredEvent(Event, kw_only=True, omit_defaults=True):
+    """An event as the ledger holds it, with what the worker assigned at commit."""
+
+    seq: int  # per tenant+stream, from 1, no gaps
+    position: int  # global commit order in this ledger, no gaps
+    recorded_at: AwareTime  # the worker's clock: the trusted time
+    js_seq: int  # JetStream stream sequence the event arrived in
+
+
+OutcomeKind = Literal["inserted", "duplicate", "conflict", "rejected"]
+
+
+class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What became of one consumed event (sent to producers that wait, and in commit notices).
+
+    `code` is an error code from `jetledger.schemas.errors` when the outcome is not stored.
+    """
+
+    id: str
+    outcome: OutcomeKind
+    stream: str | None = None
+    seq: int | None = None
+    position: int | None = None
+    code: str | None = None
+    reason: str | None = None
+    actual_seq: int | None = None
+
+
+def new_id() -> str:
+    """A new ULID: unique, and sortable by creation time."""
+    return str(ULID())
+
+
+def new_event(
+    *,
+    tenant: str,
+    stream: str,
+    data: Payload | dict[str, Any],
+    kind: str | None = None,
+    id: str | None = None,
+    occurred_at: datetime | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    expected_seq: int | None = None,
+) -> Event:
+    """Build an event; the kind comes from a typed payload, the id is a fresh ULID by default."""
+    if isinstance(data, Payload):
+        if kind is not None and kind != data.kind:
+            raise InvalidEvent(f"kind {kind!r} does not match payload {type(data).__name__}")
+        kind = data.kind
+    elif kind is None:
+        raise InvalidEvent("kind is required when data is a plain mapping")
+    return Event(
+        id=id if id is not None else new_id(),
+        tenant=check_token(tenant, "tenant"),
+        kind=check_token(kind, "kind"),
+        stream=stream,
+        occurred_at=occurred_at if occurred_at is not None else datetime.now(UTC),
+        data=data,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        expected_seq=expected_seq,
+    )
+
+
+def typed_data(event: Event) -> Payload | dict[str, Any]:
+    """`event.data` as its registered payload type when the kind is known, else as given."""
+    if isinstance(event.data, Payload):
+        return event.data
+    cls = payload_type(event.kind)
+    if cls is None:
+        return dict(event.data)
+    return msgspec.convert(event.data, cls)

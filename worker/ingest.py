@@ -1,0 +1,101 @@
+"""Turn one consumed JetStream message into what the writer commits: events or a rejection.
+
+Pure and synchronous: no I/O here, so every kind of bad input is decided the same way on
+first delivery and on every redelivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from jetledger.schemas import Event, Subjects
+from jetledger.schemas.codec import (
+    HEADER_NOTIFY,
+    canonical_bytes,
+    content_type_of,
+    decode_batch,
+    decode_event,
+)
+from jetledger.schemas.errors import InvalidEvent, InvalidToken, JetledgerError
+
+__all__ = ["Candidate", "Decoded", "decode_message"]
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A valid event, in its canonical stored form."""
+
+    event: Event
+    body: bytes
+    content_hash: bytes
+
+
+@dataclass(slots=True)
+class Decoded:
+    """One consumed message. `error` set means the whole message becomes one rejection."""
+
+    js_seq: int
+    subject: str
+    raw: bytes
+    headers: dict[str, str] | None
+    tenant: str | None = None
+    events: list[Candidate] = field(default_factory=list)
+    atomic: bool = False
+    error: JetledgerError | None = None
+
+    @property
+    def notify(self) -> str | None:
+        return self.headers.get(HEADER_NOTIFY) if self.headers else None
+
+    @property
+    def event_id(self) -> str | None:
+        return self.events[0].event.id if len(self.events) == 1 else None
+
+
+def _candidate(event: Event) -> Candidate:
+    body = canonical_bytes(event)
+    return Candidate(event, body, hashlib.sha256(body).digest())
+
+
+def decode_message(
+    subjects: Subjects,
+    subject: str,
+    data: bytes,
+    headers: dict[str, str] | None,
+    js_seq: int,
+    *,
+    strict: bool = False,
+) -> Decoded:
+    out = Decoded(js_seq=js_seq, subject=subject, raw=data, headers=headers)
+    try:
+        where = subjects.parse_ingest(subject)
+        out.tenant = where.tenant
+        content_type = content_type_of(headers)
+        if where.kind is None:
+            batch = decode_batch(data, content_type, strict=strict)
+            events = batch.events
+            out.atomic = True
+            ids = [e.id for e in events]
+            if len(set(ids)) != len(ids):
+                raise InvalidEvent("a batch must not contain the same event id twice")
+        else:
+            event = decode_event(data, content_type, strict=strict)
+            if event.kind != where.kind:
+                raise InvalidEvent(
+                    f"envelope kind {event.kind!r} differs from subject kind {where.kind!r}"
+                )
+            events = [event]
+        for event in events:
+            # The subject is what bus permissions control: a producer may only write
+            # its own tenant, so an envelope naming another tenant is refused outright.
+            if event.tenant != where.tenant:
+                raise InvalidEvent(
+                    f"envelope tenant {event.tenant!r} differs from subject tenant "
+                    f"{where.tenant!r}; nothing was stored under either"
+                )
+        out.events = [_candidate(e) for e in events]
+    except (InvalidEvent, InvalidToken) as exc:
+        out.events = []
+        out.error = exc
+    return out

@@ -1,0 +1,93 @@
+"""The SQLite layout of a ledger file.
+
+One writer per file. `position` is the global commit order (INTEGER PRIMARY KEY, assigned
+explicitly, never deleted: gap-free). `prev_hash`/`hash` are reserved for the per-tenant hash
+chain that will be computed in the commit transaction; they stay NULL until then.
+Times are integer microseconds since the Unix epoch, UTC.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["DDL", "PRAGMAS", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION: Final = 1
+
+PRAGMAS: Final = (
+    "PRAGMA journal_mode=WAL",
+    # FULL: a committed batch survives power loss, so acking after commit is honest.
+    "PRAGMA synchronous=FULL",
+)
+
+DDL: Final = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS events (
+    position       INTEGER PRIMARY KEY,
+    tenant         TEXT    NOT NULL,
+    id             TEXT    NOT NULL,
+    stream         TEXT    NOT NULL,
+    seq            INTEGER NOT NULL,
+    kind           TEXT    NOT NULL,
+    occurred_at    INTEGER NOT NULL,
+    recorded_at    INTEGER NOT NULL,
+    correlation_id TEXT,
+    causation_id   TEXT,
+    js_seq         INTEGER NOT NULL,
+    content_hash   BLOB    NOT NULL,
+    body           BLOB    NOT NULL,
+    prev_hash      BLOB,
+    hash           BLOB
+);
+-- Idempotence forever, not only inside JetStream's dedupe window.
+CREATE UNIQUE INDEX IF NOT EXISTS events_tenant_id ON events (tenant, id);
+CREATE UNIQUE INDEX IF NOT EXISTS events_stream_seq ON events (tenant, stream, seq);
+CREATE INDEX IF NOT EXISTS events_tenant_position ON events (tenant, position);
+CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant, occurred_at);
+CREATE INDEX IF NOT EXISTS events_tenant_correlation
+    ON events (tenant, correlation_id) WHERE correlation_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_tenant_causation
+    ON events (tenant, causation_id) WHERE causation_id IS NOT NULL;
+
+-- One row per (tenant, stream): the head used to assign seqs and to list streams.
+CREATE TABLE IF NOT EXISTS streams (
+    tenant         TEXT    NOT NULL,
+    stream         TEXT    NOT NULL,
+    head_seq       INTEGER NOT NULL,
+    first_position INTEGER NOT NULL,
+    last_position  INTEGER NOT NULL,
+    last_kind      TEXT    NOT NULL,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL,
+    PRIMARY KEY (tenant, stream)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS streams_tenant_last ON streams (tenant, last_position);
+
+-- Everything consumed and not stored, with the bytes as they arrived.
+CREATE TABLE IF NOT EXISTS rejections (
+    rid           INTEGER PRIMARY KEY,
+    js_seq        INTEGER NOT NULL UNIQUE,   -- redelivery of a rejected message is a no-op
+    subject       TEXT    NOT NULL,
+    tenant        TEXT,
+    event_id      TEXT,
+    code          TEXT    NOT NULL,
+    reason        TEXT    NOT NULL,
+    raw           BLOB    NOT NULL,
+    headers       BLOB,
+    existing_hash BLOB,
+    new_hash      BLOB,
+    recorded_at   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rejections_tenant ON rejections (tenant, rid);
+
+-- Where ingest stands in JetStream, written in the same transaction as the events.
+CREATE TABLE IF NOT EXISTS ingest_state (
+    js_stream    TEXT PRIMARY KEY,
+    last_js_seq  INTEGER NOT NULL,   -- highest stream sequence committed
+    ack_floor    INTEGER NOT NULL    -- every sequence <= this is committed (consumer recovery)
+) WITHOUT ROWID;
+"""

@@ -1,0 +1,153 @@
+"""The query side as a NATS micro service (`$SRV.PING/INFO/STATS`, one endpoint per op).
+
+Endpoints listen on `<prefix>.q.*.<op>` in a queue group; the tenant is read from the
+subject, so bus permissions on query subjects are tenant isolation. Each request runs in its
+own task under a bound: one slow query does not hold up the others, and when the bound is
+reached a request gets an immediate "overloaded" answer instead of a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats import micro
+from nats.aio.client import Client as NATS
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service, ServiceConfig
+
+from jetledger.schemas import CONTENT_TYPE, encode
+from jetledger.schemas.codec import content_type_of, decode
+from jetledger.schemas.errors import InvalidQuery, JetledgerError, Overloaded
+from jetledger.schemas.queries import (
+    ErrorReply,
+    EventsQuery,
+    GetQuery,
+    HeadQuery,
+    StreamsQuery,
+)
+
+from .config import WorkerConfig
+from .reader import LedgerReader
+
+__all__ = ["QueryService", "VERSION"]
+
+log = logging.getLogger("jetledger.worker")
+VERSION = "0.1.0"
+
+Handler = Callable[[LedgerReader, str, bytes, str], Awaitable[Any]]
+
+
+def _body(data: bytes, type_: type[Any], content_type: str) -> Any:
+    if not data:
+        data = b"{}" if content_type.endswith("json") else b"\x80"  # empty map: all defaults
+    try:
+        return decode(data, type_, content_type)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidQuery(f"malformed {type_.__name__} request: {exc}") from None
+
+
+async def _events(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
+    return await reader.events(tenant, _body(data, EventsQuery, ct))
+
+
+async def _get(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
+    return await reader.get(tenant, _body(data, GetQuery, ct).id)
+
+
+async def _head(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
+    return await reader.head(tenant, _body(data, HeadQuery, ct).stream)
+
+
+async def _streams(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
+    return await reader.streams(tenant, _body(data, StreamsQuery, ct))
+
+
+HANDLERS: dict[str, Handler] = {
+    "events": _events,
+    "get": _get,
+    "head": _head,
+    "streams": _streams,
+}
+
+
+class QueryService:
+    def __init__(self, nc: NATS, reader: LedgerReader, cfg: WorkerConfig) -> None:
+        self._nc = nc
+        self._reader = reader
+        self._cfg = cfg
+        self._subjects = cfg.subjects
+        self._slots = asyncio.Semaphore(cfg.query_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._service: Service | None = None
+
+    async def start(self) -> None:
+        self._service = await micro.add_service(
+            self._nc,
+            ServiceConfig(
+                name="jetledger",
+                version=VERSION,
+                description="jetledger queries: events, get, head, streams",
+                queue_group=self._cfg.query_queue_group,
+            ),
+        )
+        for op in HANDLERS:
+            await self._service.add_endpoint(
+                EndpointConfig(
+                    name=op,
+                    subject=self._subjects.query_wildcard(op),
+                    handler=self._dispatcher(op),
+                    queue_group=self._cfg.query_queue_group,
+                )
+            )
+
+    async def stop(self) -> None:
+        if self._service is not None:
+            await self._service.stop()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+
+    def _dispatcher(self, op: str) -> Callable[[Request], Awaitable[None]]:
+        async def dispatch(request: Request) -> None:
+            if self._slots.locked():
+                await _respond_error(request, Overloaded(
+                    f"{self._cfg.query_concurrency} queries are already running; retry shortly"
+                ), content_type_of(request.headers))
+                return
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve(op, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return dispatch
+
+    async def _serve(self, op: str, request: Request) -> None:
+        ct = content_type_of(request.headers)
+        try:
+            tenant, _ = self._subjects.parse_query(request.subject)
+            reply = await HANDLERS[op](self._reader, tenant, request.data, ct)
+            await request.respond(encode(reply, ct), headers={CONTENT_TYPE: ct})
+        except JetledgerError as exc:
+            await _respond_error(request, exc, ct)
+        except Exception:
+            # Never send internals (reprs, SQL) to the caller: they go to the log.
+            log.exception("query %s on %s failed", op, request.subject)
+            await _respond_error(request, None, ct)
+        finally:
+            self._slots.release()
+
+
+async def _respond_error(request: Request, exc: JetledgerError | None, ct: str) -> None:
+    code, status = (exc.code, exc.status) if exc else ("internal", 500)
+    message = exc.message if exc else "internal error in the jetledger worker; see its log"
+    try:
+        await request.respond_error(
+            str(status), f"{code}: {message}",
+            data=encode(ErrorReply(code=code, message=message), ct),
+            headers={CONTENT_TYPE: ct},
+        )
+    except Exception:  # noqa: BLE001 - the requester may be gone
+        log.debug("could not send error reply", exc_info=True)

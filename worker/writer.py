@@ -1,0 +1,325 @@
+"""The single writer of a ledger file: one SQLite transaction per consumed batch.
+
+Per batch: BEGIN IMMEDIATE; look up existing ids and stream heads; decide each message's
+outcome (inserted / duplicate / conflict / rejected); write events, stream heads, rejections
+and the JetStream position; COMMIT. Any error rolls the whole batch back, and the caller
+must not ack: "nothing committed" is the only state a failed batch can leave behind.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from jetledger.schemas import Outcome
+from jetledger.schemas.errors import ConflictError, ExpectedSeqMismatch, JetledgerError
+
+from .ingest import Candidate, Decoded
+from .schema import DDL, PRAGMAS, SCHEMA_VERSION
+from .times import to_micros
+
+__all__ = ["LedgerWriter", "StorageError", "is_transient"]
+
+_headers_enc = msgspec.msgpack.Encoder()
+
+
+class StorageError(Exception):
+    """The database refused the batch; nothing of it was committed."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Locked, busy, full, read-only, I/O: worth retrying once the fault clears."""
+    return isinstance(exc, (sqlite3.OperationalError, sqlite3.DatabaseError, StorageError))
+
+
+@dataclass(slots=True)
+class _Head:
+    seq: int
+    first_position: int
+    created_at: int
+    is_new: bool = False
+
+
+@dataclass(slots=True)
+class _Existing:
+    content_hash: bytes
+    stream: str
+    seq: int
+    position: int
+
+
+_INSERT_EVENT = (
+    "INSERT INTO events (position, tenant, id, stream, seq, kind, occurred_at, recorded_at,"
+    " correlation_id, causation_id, js_seq, content_hash, body)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_UPSERT_STREAM = (
+    "INSERT INTO streams (tenant, stream, head_seq, first_position, last_position, last_kind,"
+    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (tenant, stream) DO UPDATE SET head_seq=excluded.head_seq,"
+    " last_position=excluded.last_position, last_kind=excluded.last_kind,"
+    " updated_at=excluded.updated_at"
+)
+_INSERT_REJECTION = (
+    "INSERT OR IGNORE INTO rejections (js_seq, subject, tenant, event_id, code, reason, raw,"
+    " headers, existing_hash, new_hash, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
+_UPSERT_STATE = (
+    "INSERT INTO ingest_state (js_stream, last_js_seq, ack_floor) VALUES (?,?,?)"
+    " ON CONFLICT (js_stream) DO UPDATE SET"
+    " last_js_seq=max(last_js_seq, excluded.last_js_seq),"
+    " ack_floor=max(ack_floor, excluded.ack_floor)"
+)
+
+
+class LedgerWriter:
+    """Owns the write connection. Create with `await LedgerWriter.open(...)`."""
+
+    def __init__(self, db: aiosqlite.Connection, js_stream: str) -> None:
+        self._db = db
+        self._js_stream = js_stream
+        self._position = 0
+        self._pending_floor = 0
+
+    @classmethod
+    async def open(
+        cls, path: Path, *, js_stream: str, busy_timeout_ms: int = 5000
+    ) -> LedgerWriter:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves (a deferred transaction
+        # that upgrades to a write can fail with SQLITE_BUSY_SNAPSHOT, ignoring busy_timeout).
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            for pragma in PRAGMAS:
+                await db.execute(pragma)
+            await db.executescript(DDL)
+            await db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            writer = cls(db, js_stream)
+            await writer._load_position()
+        except BaseException:
+            await db.close()
+            raise
+        return writer
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _load_position(self) -> None:
+        async with self._db.execute("SELECT coalesce(max(position), 0) FROM events") as cur:
+            row = await cur.fetchone()
+        self._position = int(row[0]) if row else 0
+
+    async def ingest_state(self) -> tuple[int, int]:
+        """(last committed JetStream seq, recorded ack floor) for this ledger's stream."""
+        async with self._db.execute(
+            "SELECT last_js_seq, ack_floor FROM ingest_state WHERE js_stream=?",
+            (self._js_stream,),
+        ) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def note_ack_floor(self, floor: int) -> None:
+        """Record the consumer's ack floor with the next commit."""
+        self._pending_floor = max(self._pending_floor, floor)
+
+    async def commit(self, batch: list[Decoded]) -> list[list[Outcome]]:
+        """Commit one batch; returns the outcomes of each message, in order.
+
+        Raises (after rolling back) if the database refuses: nothing is committed then.
+        """
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            outcomes = await self._write(batch)
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return outcomes
+
+    async def _rollback(self) -> None:
+        try:
+            await self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite may have rolled back already (disk full does that)
+        await self._load_position()
+
+    async def _existing(self, batch: list[Decoded]) -> dict[tuple[str, str], _Existing]:
+        by_tenant: dict[str, list[str]] = defaultdict(list)
+        for msg in batch:
+            for cand in msg.events:
+                by_tenant[cand.event.tenant].append(cand.event.id)
+        found: dict[tuple[str, str], _Existing] = {}
+        for tenant, ids in by_tenant.items():
+            for chunk in _chunks(ids, 500):
+                sql = (
+                    "SELECT id, content_hash, stream, seq, position FROM events"
+                    f" WHERE tenant=? AND id IN ({','.join('?' * len(chunk))})"
+                )
+                async with self._db.execute(sql, (tenant, *chunk)) as cur:
+                    async for row in cur:
+                        found[(tenant, row[0])] = _Existing(row[1], row[2], row[3], row[4])
+        return found
+
+    async def _heads(self, batch: list[Decoded]) -> dict[tuple[str, str], _Head]:
+        by_tenant: dict[str, set[str]] = defaultdict(set)
+        for msg in batch:
+            for cand in msg.events:
+                by_tenant[cand.event.tenant].add(cand.event.stream)
+        heads: dict[tuple[str, str], _Head] = {}
+        for tenant, streams in by_tenant.items():
+            names = sorted(streams)
+            for chunk in _chunks(names, 500):
+                sql = (
+                    "SELECT stream, head_seq, first_position, created_at FROM streams"
+                    f" WHERE tenant=? AND stream IN ({','.join('?' * len(chunk))})"
+                )
+                async with self._db.execute(sql, (tenant, *chunk)) as cur:
+                    async for row in cur:
+                        heads[(tenant, row[0])] = _Head(row[1], row[2], row[3])
+        return heads
+
+    async def _write(self, batch: list[Decoded]) -> list[list[Outcome]]:
+        now = time.time_ns() // 1000
+        existing = await self._existing(batch)
+        heads = await self._heads(batch)
+        position = self._position
+        event_rows: list[tuple[Any, ...]] = []
+        rejection_rows: list[tuple[Any, ...]] = []
+        touched: dict[tuple[str, str], tuple[int, str]] = {}  # -> (last position, last kind)
+        results: list[list[Outcome]] = []
+        max_js = 0
+
+        for msg in batch:
+            max_js = max(max_js, msg.js_seq)
+            if msg.error is not None:
+                rejection_rows.append(_rejection_row(msg, msg.error, now))
+                results.append([_rejected(msg, msg.error)])
+                continue
+            # Decide the message on a scratch copy so an atomic batch applies all or nothing.
+            plan: list[tuple[Candidate, int]] = []
+            outs: list[Outcome] = []
+            scratch: dict[tuple[str, str], int] = {}
+            failure: tuple[JetledgerError, bytes | None, bytes | None] | None = None
+            duplicates = 0
+            for cand in msg.events:
+                ev = cand.event
+                key = (ev.tenant, ev.id)
+                prior = existing.get(key)
+                if prior is not None:
+                    if prior.content_hash == cand.content_hash:
+                        duplicates += 1
+                        outs.append(Outcome(id=ev.id, outcome="duplicate", stream=prior.stream,
+                                            seq=prior.seq, position=prior.position))
+                        continue
+                    failure = (
+                        ConflictError(
+                            f"event id {ev.id!r} is already stored with different content "
+                            f"(at position {prior.position}); the original stays",
+                            event_id=ev.id,
+                        ),
+                        prior.content_hash,
+                        cand.content_hash,
+                    )
+                    break
+                skey = (ev.tenant, ev.stream)
+                head = scratch.get(skey)
+                if head is None:
+                    h = heads.get(skey)
+                    head = h.seq if h is not None else 0
+                if ev.expected_seq is not None and ev.expected_seq != head:
+                    failure = (
+                        ExpectedSeqMismatch(
+                            f"stream {ev.stream!r} is at seq {head}, not at the expected "
+                            f"{ev.expected_seq}",
+                            event_id=ev.id,
+                            actual_seq=head,
+                        ),
+                        None,
+                        None,
+                    )
+                    break
+                scratch[skey] = head + 1
+                plan.append((cand, head + 1))
+            if failure is None and plan and duplicates:
+                failure = (
+                    ConflictError("part of this atomic batch is already stored and part is "
+                                  "not; nothing of it was stored"),
+                    None,
+                    None,
+                )
+            if failure is not None:
+                err, old_hash, new_hash = failure
+                rejection_rows.append(_rejection_row(msg, err, now, old_hash, new_hash))
+                results.append([_rejected(msg, err, cand.event.id) for cand in msg.events])
+                continue
+            for cand, seq in plan:
+                ev = cand.event
+                position += 1
+                event_rows.append((
+                    position, ev.tenant, ev.id, ev.stream, seq, ev.kind,
+                    to_micros(ev.occurred_at), now, ev.correlation_id, ev.causation_id,
+                    msg.js_seq, cand.content_hash, cand.body,
+                ))
+                skey = (ev.tenant, ev.stream)
+                if skey not in heads:
+                    heads[skey] = _Head(0, position, now, is_new=True)
+                heads[skey].seq = seq
+                touched[skey] = (position, ev.kind)
+                existing[(ev.tenant, ev.id)] = _Existing(cand.content_hash, ev.stream, seq,
+                                                         position)
+                outs.append(Outcome(id=ev.id, outcome="inserted", stream=ev.stream, seq=seq,
+                                    position=position))
+            results.append(outs)
+
+        if event_rows:
+            await self._db.executemany(_INSERT_EVENT, event_rows)
+        if touched:
+            await self._db.executemany(_UPSERT_STREAM, [
+                (t, s, heads[(t, s)].seq, heads[(t, s)].first_position, last, kind,
+                 heads[(t, s)].created_at, now)
+                for (t, s), (last, kind) in touched.items()
+            ])
+        if rejection_rows:
+            await self._db.executemany(_INSERT_REJECTION, rejection_rows)
+        floor = self._pending_floor
+        await self._db.execute(_UPSERT_STATE, (self._js_stream, max_js, floor))
+        self._position = position
+        return results
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _rejected(msg: Decoded, err: JetledgerError, event_id: str | None = None) -> Outcome:
+    return Outcome(
+        id=event_id or msg.event_id or "",
+        outcome="conflict" if isinstance(err, ConflictError) else "rejected",
+        code=err.code,
+        reason=err.message,
+        actual_seq=err.actual_seq if isinstance(err, ExpectedSeqMismatch) else None,
+    )
+
+
+def _rejection_row(
+    msg: Decoded,
+    err: JetledgerError,
+    now: int,
+    existing_hash: bytes | None = None,
+    new_hash: bytes | None = None,
+) -> tuple[Any, ...]:
+    event_id = getattr(err, "event_id", None) or msg.event_id
+    headers = _headers_enc.encode(msg.headers) if msg.headers else None
+    return (msg.js_seq, msg.subject, msg.tenant, event_id, err.code, err.message, msg.raw,
+            headers, existing_hash, new_hash, now)
