@@ -16,10 +16,11 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from jetledger.schemas import (
     CONTENT_TYPE,
@@ -115,11 +116,16 @@ class LedgerClient:
             if "permissions violation" in str(exc).lower():
                 errors.append(str(exc))
 
+        connect_timeout = kwargs.pop("connect_timeout", 5.0)
+        reconnects = kwargs.pop("max_reconnect_attempts", 60)
         try:
-            nc = await nats.connect(url, error_cb=on_error, connect_timeout=kwargs.pop(
-                "connect_timeout", 5), max_reconnect_attempts=kwargs.pop(
-                "max_reconnect_attempts", 60))
-        except (OSError, NoRespondersError, NatsTimeoutError) as exc:
+            # nats-py retries a first connect without end for some settings: bound it.
+            nc = await asyncio.wait_for(
+                nats.connect(url, error_cb=on_error, connect_timeout=connect_timeout,
+                             max_reconnect_attempts=reconnects),
+                timeout=connect_timeout * 3,
+            )
+        except (OSError, nats.errors.Error) as exc:
             raise Unavailable(f"cannot connect to NATS at {url}: {exc}; is the worker (or "
                               "your NATS server) running?") from None
         client = cls(nc, own_connection=True, **kwargs)
@@ -222,7 +228,7 @@ class LedgerClient:
                 ack = await self._js.publish(subject, payload, timeout=self.timeout,
                                              headers=headers)
                 return ack.seq
-            except NoRespondersError:
+            except (NoRespondersError, NoStreamResponseError):
                 self._raise_if_denied(subject)
                 raise Unavailable(
                     f"no JetStream stream captures {subject!r}: start the jetledger worker "

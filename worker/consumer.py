@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
@@ -78,7 +77,7 @@ class Ingestor:
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(self._cfg.batch_size, timeout=self._cfg.fetch_timeout)
-                except NatsTimeoutError:
+                except TimeoutError:  # nats-py raises its own or asyncio's: an empty batch
                     await self._maybe_record_floor()
                     continue
                 except (APIError, NoRespondersError) as exc:
@@ -113,7 +112,7 @@ class Ingestor:
         while True:
             try:
                 return await self._subscribe()
-            except (APIError, NatsTimeoutError, NoRespondersError) as exc:
+            except (APIError, TimeoutError, NoRespondersError) as exc:
                 if stop.is_set():
                     raise
                 log.warning("cannot set up the consumer yet (%s); retrying", exc)

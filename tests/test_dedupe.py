@@ -1,0 +1,107 @@
+"""Every event is stored exactly once, however often it is published or redelivered, and
+every consumed event ends in exactly one outcome: inserted, duplicate or conflict."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import nats
+import pytest
+from conftest import RunningWorker
+from harness import check_ledger, query
+
+from jetledger.client import (
+    ConflictError,
+    LedgerClient,
+    RejectedError,
+    encode,
+    new_event,
+)
+
+
+async def test_republishing_the_same_event_stores_it_once(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    event = new_event(tenant="acme", stream="run", kind="k", data={"n": 1})
+    results = [await ledger.append(event, wait=True) for _ in range(3)]
+    assert [r.outcome for r in results] == ["inserted", "duplicate", "duplicate"]
+    assert {(r.seq, r.position) for r in results} == {(1, 1)}
+    assert len({r.js_seq for r in results}) == 3  # three copies in JetStream, one row
+    report = check_ledger(worker.db_path)
+    assert (report.events, report.rejections) == (1, 0)
+
+
+async def test_dedupe_holds_after_jetstream_duplicate_window(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    event = new_event(tenant="acme", stream="run", kind="k", data={})
+    await ledger.append(event, wait=True)
+    await asyncio.sleep(0.3)  # the stream's duplicate window (the server minimum) is over
+    again = await ledger.append(event, wait=True)
+    assert again.outcome == "duplicate"
+    assert check_ledger(worker.db_path).events == 1
+
+
+async def test_same_id_different_content_is_a_conflict_and_the_original_stays(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    original = new_event(tenant="acme", stream="run", kind="k", data={"v": "original"})
+    await ledger.append(original, wait=True)
+    impostor = msgspec.structs.replace(original, data={"v": "rewritten"})
+    with pytest.raises(ConflictError, match="already stored with different content") as err:
+        await ledger.append(impostor, wait=True)
+    assert isinstance(err.value, RejectedError) and err.value.event_id == original.id
+    assert (await ledger.get(original.id)).data == {"v": "original"}
+    rows = query(worker.db_path, "SELECT code, event_id, existing_hash, new_hash FROM rejections")
+    assert len(rows) == 1
+    code, event_id, existing_hash, new_hash = rows[0]
+    assert (code, event_id) == ("conflict", original.id)
+    assert len(existing_hash) == len(new_hash) == 32 and existing_hash != new_hash
+    assert check_ledger(worker.db_path).events == 1
+
+
+async def test_a_conflict_is_recorded_once_even_when_published_without_waiting(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    original = new_event(tenant="acme", stream="run", kind="k", data={"v": 1})
+    await ledger.append(original, wait=True)
+    await ledger.append(msgspec.structs.replace(original, data={"v": 2}))
+    for _ in range(100):
+        if query(worker.db_path, "SELECT count(*) FROM rejections")[0][0]:
+            break
+        await asyncio.sleep(0.05)
+    assert query(worker.db_path, "SELECT code FROM rejections") == [("conflict",)]
+
+
+async def test_same_id_in_two_tenants_is_two_events(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    for tenant in ("acme", "globex"):
+        res = await ledger.append(
+            new_event(tenant=tenant, id="shared-id", stream="s", kind="k", data={}), wait=True
+        )
+        assert res.outcome == "inserted"
+    assert check_ledger(worker.db_path).events == 2
+
+
+async def test_redelivered_messages_are_no_ops(worker: RunningWorker) -> None:
+    """Publish the same bytes many times straight to JetStream, as a retrying producer or a
+    redelivery would present them to the worker: one row."""
+    event = new_event(tenant="acme", stream="run", kind="k", data={"x": 1})
+    nc = await nats.connect(worker.url)
+    try:
+        js = nc.jetstream()
+        for _ in range(20):
+            await js.publish("jetledger.evt.acme.k", encode(event))
+    finally:
+        await nc.close()
+    for _ in range(100):
+        done = query(worker.db_path, "SELECT max(last_js_seq) FROM ingest_state")[0][0]
+        if done == 20:
+            break
+        await asyncio.sleep(0.05)
+    assert worker.worker.ingestor is not None
+    stats = worker.worker.ingestor.stats
+    assert (stats.inserted, stats.duplicate) == (1, 19)
+    assert check_ledger(worker.db_path).events == 1
