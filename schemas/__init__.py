@@ -2,6 +2,7 @@
 
 from .codec import CONTENT_TYPE, HEADER_NOTIFY, JSON, MSGPACK, decode_event, encode
 from .envelope import (
+    CommitNotice,
     Event,
     EventBatch,
     Outcome,
@@ -54,6 +55,7 @@ __all__ = [
     "JSON",
     "MSGPACK",
     "PAYLOADS",
+    "CommitNotice",
     "ConflictError",
     "ErrorReply",
     "Event",

@@ -14,6 +14,7 @@ from .subjects import TOKEN_PATTERN, check_token
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "CommitNotice",
     "Event",
     "EventBatch",
     "MAX_BATCH_EVENTS",
@@ -85,6 +86,16 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     code: str | None = None
     reason: str | None = None
     actual_seq: int | None = None
+
+
+class CommitNotice(msgspec.Struct, kw_only=True):
+    """Published on `<prefix>.live.<tenant>` after each commit that stored events of the
+    tenant (core NATS, best effort: a reader that misses one catches up by query)."""
+
+    tenant: str
+    first_position: int
+    last_position: int
+    count: int
 
 
 def new_id() -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from .envelope import Event, EventBatch, Outcome, StoredEvent
+from .envelope import CommitNotice, Event, EventBatch, Outcome, StoredEvent
 from .payloads import PAYLOADS
 from .queries import OPS, ErrorReply
 
@@ -17,6 +17,7 @@ WIRE_TYPES: tuple[type[Any], ...] = (
     EventBatch,
     StoredEvent,
     Outcome,
+    CommitNotice,
     ErrorReply,
     *(t for pair in OPS.values() for t in pair),
     *PAYLOADS.values(),

@@ -13,7 +13,14 @@ from pathlib import Path
 from .app import Worker
 from .config import WorkerConfig
 
-__all__ = ["add_arguments", "run_worker"]
+__all__ = ["add_arguments", "register", "run_worker"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the worker's subcommands to the `jetledger` command."""
+    worker = sub.add_parser("worker", help="run the ledger worker (embedded NATS by default)")
+    add_arguments(worker)
+    worker.set_defaults(func=run_worker)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

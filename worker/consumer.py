@@ -18,7 +18,7 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
-from jetledger.schemas import HEADER_NOTIFY, Outcome, encode
+from jetledger.schemas import HEADER_NOTIFY, CommitNotice, Outcome, encode
 
 from .config import WorkerConfig
 from .faults import crash_point
@@ -161,14 +161,27 @@ class Ingestor:
             return outcomes
 
     async def _notify(self, msgs: list[Msg], outcomes: list[list[Outcome]]) -> None:
-        """Tell waiting producers what became of their events (best effort: they can ask)."""
-        for msg, outs in zip(msgs, outcomes, strict=True):
-            inbox = msg.headers.get(HEADER_NOTIFY) if msg.headers else None
-            if inbox:
-                try:
+        """Tell waiting producers what became of their events, and live readers which
+        positions each tenant gained (best effort both: either can ask the ledger)."""
+        spans: dict[str, list[int]] = {}
+        try:
+            for msg, outs in zip(msgs, outcomes, strict=True):
+                inbox = msg.headers.get(HEADER_NOTIFY) if msg.headers else None
+                if inbox:
                     await self._nc.publish(inbox, encode(outs))
-                except Exception as exc:  # noqa: BLE001 - a lost notice is recoverable
-                    log.warning("could not notify %s: %s", inbox, exc)
+                tenant = self._subjects.parse_ingest(msg.subject).tenant if any(
+                    o.outcome == "inserted" for o in outs) else None
+                for out in outs:
+                    if tenant is not None and out.outcome == "inserted" and out.position:
+                        span = spans.setdefault(tenant, [out.position, out.position, 0])
+                        span[1] = out.position
+                        span[2] += 1
+            for tenant, (first, last, count) in spans.items():
+                notice = CommitNotice(tenant=tenant, first_position=first, last_position=last,
+                                      count=count)
+                await self._nc.publish(self._subjects.live(tenant), encode(notice))
+        except Exception as exc:  # noqa: BLE001 - a lost notice is recoverable
+            log.warning("could not publish commit notices: %s", exc)
 
     async def _maybe_record_floor(self) -> None:
         now = time.monotonic()
