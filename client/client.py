@@ -56,7 +56,13 @@ from jetledger.schemas.errors import (
     Unavailable,
     error_for_code,
 )
-from jetledger.schemas.queries import ErrorReply
+from jetledger.schemas.queries import (
+    ErrorReply,
+    RejectionsPage,
+    RejectionsQuery,
+    StreamQuery,
+    StreamRecord,
+)
 
 __all__ = ["AppendResult", "LedgerClient"]
 
@@ -334,13 +340,18 @@ class LedgerClient:
         after_seq: int | None = None,
         limit: int = 100,
         order: Literal["asc", "desc"] = "asc",
+        order_by: Literal["position", "occurred_at"] = "position",
         cursor: str | None = None,
     ) -> EventsPage:
-        """One page of events; pass `page.next_cursor` back as `cursor` for the next."""
+        """One page of events; pass `page.next_cursor` back as `cursor` for the next.
+
+        Filters combine with AND; `time_from`/`time_to` are inclusive bounds on
+        `occurred_at`. `order_by="occurred_at"` interleaves sources by when events happened.
+        """
         q = EventsQuery(stream=stream, kinds=list(kinds), correlation_id=correlation_id,
                         causation_id=causation_id, time_from=time_from, time_to=time_to,
                         after_position=after_position, after_seq=after_seq, limit=limit,
-                        order=order, cursor=cursor)
+                        order=order, order_by=order_by, cursor=cursor)
         return await self._query(tenant, "events", q, EventsPage)
 
     async def iter_events(self, **filters: Any) -> AsyncIterator[StoredEvent]:
@@ -362,11 +373,75 @@ class LedgerClient:
         return await self._query(tenant, "head", HeadQuery(stream=stream), StreamHead)
 
     async def streams(
-        self, *, tenant: str | None = None, limit: int = 100, cursor: str | None = None
+        self,
+        *,
+        tenant: str | None = None,
+        last_kinds: Sequence[str] = (),
+        limit: int = 100,
+        order: Literal["asc", "desc"] = "desc",
+        cursor: str | None = None,
     ) -> StreamsPage:
-        """The tenant's streams, most recently active first."""
-        return await self._query(tenant, "streams", StreamsQuery(limit=limit, cursor=cursor),
-                                 StreamsPage)
+        """The tenant's streams, newest first; `last_kinds` keeps those whose latest event
+        is of one of these kinds (open escalations: `last_kinds=["escalation_recorded"]`)."""
+        q = StreamsQuery(last_kinds=list(last_kinds), limit=limit, order=order, cursor=cursor)
+        return await self._query(tenant, "streams", q, StreamsPage)
+
+    async def stream_record(self, stream: str, *, tenant: str | None = None) -> StreamRecord:
+        """A stream's head with the event that opened it and its latest event."""
+        return await self._query(tenant, "stream", StreamQuery(stream=stream), StreamRecord)
+
+    async def rejections(
+        self,
+        *,
+        tenant: str | None = None,
+        codes: Sequence[str] = (),
+        limit: int = 100,
+        order: Literal["asc", "desc"] = "desc",
+        cursor: str | None = None,
+    ) -> RejectionsPage:
+        """What the worker refused for the tenant, and why."""
+        q = RejectionsQuery(codes=list(codes), limit=limit, order=order, cursor=cursor)
+        return await self._query(tenant, "rejections", q, RejectionsPage)
+
+    async def tail(
+        self,
+        *,
+        tenant: str | None = None,
+        after_position: int | None = None,
+        poll_interval: float = 2.0,
+        **filters: Any,
+    ) -> AsyncIterator[StoredEvent]:
+        """Every matching event after `after_position` (None: from now), then each new one
+        as it is committed, forever. Never skips or repeats: it always asks the ledger for
+        what follows the last position it yielded; commit notices only say when to ask, and
+        a periodic poll covers notices lost or a worker restart."""
+        t = self._tenant(tenant)
+        wake = asyncio.Event()
+
+        async def on_notice(msg: Any) -> None:
+            wake.set()
+
+        sub = await self._nc.subscribe(self._subjects.live(t), cb=on_notice)
+        try:
+            if after_position is None:
+                newest = await self.events(tenant=t, order="desc", limit=1)
+                after_position = newest.events[0].position if newest.events else 0
+            last = after_position
+            while True:
+                wake.clear()
+                try:
+                    async for event in self.iter_events(tenant=t, after_position=last,
+                                                        **filters):
+                        last = event.position
+                        yield event
+                except (Unavailable, LedgerTimeout):
+                    pass  # the worker is restarting: try again after the next wake-up
+                try:
+                    await asyncio.wait_for(wake.wait(), poll_interval)
+                except TimeoutError:
+                    pass
+        finally:
+            await sub.unsubscribe()
 
 
 def _error_reply(data: bytes, headers: dict[str, str], ct: str) -> Exception:

@@ -19,6 +19,12 @@ __all__ = [
     "MAX_LIMIT",
     "OPS",
     "ErrorReply",
+    "OrderBy",
+    "RejectionInfo",
+    "RejectionsPage",
+    "RejectionsQuery",
+    "StreamQuery",
+    "StreamRecord",
     "EventsPage",
     "EventsQuery",
     "GetQuery",
@@ -33,10 +39,13 @@ DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)]
 Order = Literal["asc", "desc"]
+#: "position": commit order (the default). "occurred_at": the producers' clocks, ties broken
+#: by position, to interleave events of several sources by when they happened.
+OrderBy = Literal["position", "occurred_at"]
 
 
 class EventsQuery(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Events of the tenant, every filter optional and combined with AND, ordered by position.
+    """Events of the tenant, every filter optional and combined with AND.
 
     `time_from`/`time_to` bound `occurred_at` inclusively. `after_seq` needs `stream`.
     `cursor` continues a previous page (it stays correct while new events arrive).
@@ -52,6 +61,7 @@ class EventsQuery(msgspec.Struct, kw_only=True, omit_defaults=True):
     after_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
     limit: Limit = DEFAULT_LIMIT
     order: Order = "asc"
+    order_by: OrderBy = "position"
     cursor: str | None = None
 
 
@@ -85,14 +95,57 @@ class StreamHead(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class StreamsQuery(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Streams of the tenant, most recently active first."""
+    """Streams of the tenant, newest (most recently created) first by default.
 
+    `last_kinds` keeps streams whose latest event is of one of these kinds: "escalations
+    recorded and not yet resolved" is `last_kinds=["escalation_recorded"]`.
+    """
+
+    last_kinds: list[Token] = []
     limit: Limit = DEFAULT_LIMIT
+    order: Order = "desc"
     cursor: str | None = None
 
 
 class StreamsPage(msgspec.Struct, kw_only=True, omit_defaults=True):
     streams: list[StreamHead]
+    next_cursor: str | None = None
+
+
+class StreamQuery(msgspec.Struct, kw_only=True):
+    """One stream's record: its head, the event that opened it and the latest one."""
+
+    stream: StreamName
+
+
+class StreamRecord(msgspec.Struct, kw_only=True):
+    head: StreamHead
+    first: StoredEvent
+    last: StoredEvent
+
+
+class RejectionsQuery(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the worker refused for this tenant, and why (newest first by default)."""
+
+    codes: list[str] = []
+    limit: Limit = DEFAULT_LIMIT
+    order: Order = "desc"
+    cursor: str | None = None
+
+
+class RejectionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    rid: int
+    js_seq: int
+    subject: str
+    code: str
+    reason: str
+    recorded_at: datetime
+    event_id: str | None = None
+    raw_size: int = 0
+
+
+class RejectionsPage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    rejections: list[RejectionInfo]
     next_cursor: str | None = None
 
 
@@ -109,4 +162,6 @@ OPS: Final[dict[str, tuple[type[msgspec.Struct], type[msgspec.Struct]]]] = {
     "get": (GetQuery, StoredEvent),
     "head": (HeadQuery, StreamHead),
     "streams": (StreamsQuery, StreamsPage),
+    "stream": (StreamQuery, StreamRecord),
+    "rejections": (RejectionsQuery, RejectionsPage),
 }

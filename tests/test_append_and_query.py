@@ -74,7 +74,7 @@ async def test_stream_head_and_stream_listing(ledger: LedgerClient) -> None:
     head = await ledger.stream_head("a")
     assert (head.seq, head.first_position, head.last_position, head.last_kind) == (2, 1, 3, "x")
     page = await ledger.streams()
-    assert [s.stream for s in page.streams] == ["a", "b"]  # most recently active first
+    assert [s.stream for s in page.streams] == ["b", "a"]  # newest (last created) first
     with pytest.raises(NotFound, match="'zzz' has no events"):
         await ledger.stream_head("zzz")
 

@@ -135,6 +135,9 @@ async def test_cluster_fixture_yields_a_working_r3_stream(
         # Readable through another node: the stream is the cluster's, not n1's.
         msg = await nc3.jetstream().get_msg("LEDGER", ack.seq)
         assert msg.data == b"replicated"
+        # Closed before any node is killed: a client reconnecting to a dead node can
+        # outlive the test and hang the event loop's teardown.
+        await nc3.close()
 
         info = await js1.stream_info("LEDGER")
         assert info.cluster is not None and info.cluster.leader is not None

@@ -48,6 +48,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_tenant_id ON events (tenant, id);
 CREATE UNIQUE INDEX IF NOT EXISTS events_stream_seq ON events (tenant, stream, seq);
 CREATE INDEX IF NOT EXISTS events_tenant_position ON events (tenant, position);
 CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant, occurred_at);
+CREATE INDEX IF NOT EXISTS events_tenant_kind_time ON events (tenant, kind, occurred_at);
 CREATE INDEX IF NOT EXISTS events_tenant_correlation
     ON events (tenant, correlation_id) WHERE correlation_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_tenant_causation
@@ -65,7 +66,8 @@ CREATE TABLE IF NOT EXISTS streams (
     updated_at     INTEGER NOT NULL,
     PRIMARY KEY (tenant, stream)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS streams_tenant_last ON streams (tenant, last_position);
+CREATE INDEX IF NOT EXISTS streams_tenant_created ON streams (tenant, first_position);
+CREATE INDEX IF NOT EXISTS streams_tenant_last_kind ON streams (tenant, last_kind, first_position);
 
 -- Everything consumed and not stored, with the bytes as they arrived.
 CREATE TABLE IF NOT EXISTS rejections (

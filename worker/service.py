@@ -21,12 +21,15 @@ from nats.micro.service import EndpointConfig, Service, ServiceConfig
 
 from jetledger.schemas import CONTENT_TYPE, encode
 from jetledger.schemas.codec import content_type_of, decode
-from jetledger.schemas.errors import InvalidQuery, JetledgerError, Overloaded
+from jetledger.schemas.errors import InvalidQuery, InvalidToken, JetledgerError, Overloaded
 from jetledger.schemas.queries import (
+    OPS,
     ErrorReply,
     EventsQuery,
     GetQuery,
     HeadQuery,
+    RejectionsQuery,
+    StreamQuery,
     StreamsQuery,
 )
 
@@ -66,12 +69,23 @@ async def _streams(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> A
     return await reader.streams(tenant, _body(data, StreamsQuery, ct))
 
 
+async def _stream(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
+    return await reader.stream(tenant, _body(data, StreamQuery, ct).stream)
+
+
+async def _rejections(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
+    return await reader.rejections(tenant, _body(data, RejectionsQuery, ct))
+
+
 HANDLERS: dict[str, Handler] = {
     "events": _events,
     "get": _get,
     "head": _head,
     "streams": _streams,
+    "stream": _stream,
+    "rejections": _rejections,
 }
+assert set(HANDLERS) == set(OPS), "every op of the wire contract has a handler"
 
 
 class QueryService:
@@ -83,6 +97,7 @@ class QueryService:
         self._slots = asyncio.Semaphore(cfg.query_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._service: Service | None = None
+        self._unknown: Any = None
 
     async def start(self) -> None:
         self._service = await micro.add_service(
@@ -90,7 +105,7 @@ class QueryService:
             ServiceConfig(
                 name="jetledger",
                 version=VERSION,
-                description="jetledger queries: events, get, head, streams",
+                description="jetledger queries: " + ", ".join(HANDLERS),
                 queue_group=self._cfg.query_queue_group,
             ),
         )
@@ -103,8 +118,30 @@ class QueryService:
                     queue_group=self._cfg.query_queue_group,
                 )
             )
+        # Requests to an op that does not exist would otherwise meet "no responders" with no
+        # explanation. This listener sees every query subject (its own queue group, so one
+        # worker answers) and answers only unknown ops or invalid tenant tokens.
+        self._unknown = await self._nc.subscribe(
+            f"{self._subjects.prefix}.q.>", queue=f"{self._cfg.query_queue_group}-unknown",
+            cb=self._reject_unknown,
+        )
+
+    async def _reject_unknown(self, msg: Any) -> None:
+        parts = msg.subject.split(".")
+        if len(parts) == 4 and parts[3] in HANDLERS:
+            return
+        try:
+            self._subjects.parse_query(msg.subject)
+            err: JetledgerError = InvalidQuery(
+                f"unknown query op {parts[3]!r}; the ops are: {', '.join(HANDLERS)}")
+        except InvalidToken as exc:
+            err = InvalidQuery(f"{exc.message}; use {self._subjects.prefix}.q.<tenant>.<op>")
+        if msg.reply:
+            await _respond_error(Request(msg), err, content_type_of(msg.headers))
 
     async def stop(self) -> None:
+        if self._unknown is not None:
+            await self._unknown.unsubscribe()
         if self._service is not None:
             await self._service.stop()
         if self._tasks:
