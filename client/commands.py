@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from jetledger.schemas import DEFAULT_PREFIX, StoredEvent
+from jetledger.schemas import DEFAULT_PREFIX, StoredEvent, StreamHead
 from jetledger.schemas.errors import InvalidInput, JetledgerError, NotFound
 
 from .client import LedgerClient
@@ -194,7 +194,7 @@ async def _get(client: LedgerClient, args: argparse.Namespace) -> int:
 
 
 async def _streams(client: LedgerClient, args: argparse.Namespace) -> int:
-    heads = []
+    heads: list[StreamHead] = []
     cursor = None
     while len(heads) < args.limit:
         page = await client.streams(last_kinds=args.last_kinds, cursor=cursor,
