@@ -343,3 +343,19 @@ async def test_a_flood_of_queries_gets_fast_overloaded_answers(
         assert all(p.events == [] for p in pages)
     finally:
         reader._all_rows = original  # type: ignore[method-assign]
+
+
+async def test_replies_never_exceed_max_payload_pages_are_cut_with_a_cursor(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    nc = await nats.connect(worker.url)
+    max_payload = nc.max_payload
+    await nc.close()
+    blob = "x" * (max_payload // 8)
+    for i in range(12):  # ~1.5 x max_payload in total
+        await ledger.append(new_event(tenant="acme", stream="big", kind="k",
+                                      data={"i": i, "blob": blob}), wait=True)
+    page = await ledger.events(stream="big", limit=12)
+    assert 0 < len(page.events) < 12 and page.next_cursor is not None
+    everything = [e.data["i"] async for e in ledger.iter_events(stream="big", limit=12)]
+    assert everything == list(range(12))
