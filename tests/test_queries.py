@@ -359,3 +359,42 @@ async def test_replies_never_exceed_max_payload_pages_are_cut_with_a_cursor(
     assert 0 < len(page.events) < 12 and page.next_cursor is not None
     everything = [e.data["i"] async for e in ledger.iter_events(stream="big", limit=12)]
     assert everything == list(range(12))
+
+
+async def test_tail_survives_a_worker_restart_without_gaps_or_repeats(
+    worker_config: object,
+) -> None:
+    from jetledger.worker import Worker, WorkerConfig
+
+    assert isinstance(worker_config, WorkerConfig)
+    got: list[int] = []
+    first = Worker(worker_config)
+    await first.start()
+    task = asyncio.create_task(first.run())
+    client = await LedgerClient.connect(first.url, tenant="acme", timeout=1)
+    try:
+        async def follow() -> None:
+            async for event in client.tail(after_position=0, poll_interval=0.3):
+                got.append(event.data["i"])
+                if len(got) == 10:
+                    return
+
+        follower = asyncio.create_task(follow())
+        for i in range(5):
+            await client.append(new_event(tenant="acme", stream="t", kind="k", data={"i": i}),
+                                wait=True)
+        first.request_stop()
+        await task
+        await first.close()  # the worker is gone: the tail keeps waiting, it does not end
+        for i in range(5, 10):  # published while no worker runs: JetStream keeps them
+            await client.append(new_event(tenant="acme", stream="t", kind="k", data={"i": i}))
+        await asyncio.sleep(0.5)
+        assert not follower.done()
+        async with Worker(worker_config) as second:
+            task2 = asyncio.create_task(second.run())
+            await asyncio.wait_for(follower, 15)
+            second.request_stop()
+            await task2
+    finally:
+        await client.close()
+    assert got == list(range(10))
