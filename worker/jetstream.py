@@ -92,7 +92,8 @@ async def _consumer_info(
     js: JetStreamContext, cfg: WorkerConfig
 ) -> ConsumerInfo | None:
     try:
-        return await js.consumer_info(cfg.stream_name, cfg.consumer_name)
+        info: ConsumerInfo = await js.consumer_info(cfg.stream_name, cfg.consumer_name)
+        return info
     except NotFoundError:
         return None
 
