@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from jetledger.worker.cli import register as register_worker
     except ImportError:
-        for name in ("worker", "admin"):
+        for name in ("worker", "admin", "rebuild"):
             sub.add_parser(name, help="(needs the worker extra)").set_defaults(
                 func=_missing_worker_extra)
     else:

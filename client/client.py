@@ -112,9 +112,27 @@ class LedgerClient:
 
     @classmethod
     async def connect(
-        cls, url: str = "nats://127.0.0.1:4222", **kwargs: Any
+        cls,
+        url: str | Sequence[str] = "nats://127.0.0.1:4222",
+        *,
+        tenant: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        creds: str | None = None,
+        inbox_prefix: str | None = None,
+        connect_timeout: float = 5.0,
+        max_reconnect_attempts: int = 60,
+        nats_options: dict[str, Any] | None = None,
+        **client_options: Any,
     ) -> LedgerClient:
-        """Open a NATS connection owned (and closed) by the client."""
+        """Open a NATS connection owned (and closed) by the client.
+
+        Bound to a tenant, replies come to the inbox prefix `_INBOX_<tenant>` (unless given):
+        with per-tenant NATS users (deploy/nats/auth.conf) a tenant may only read its own
+        inbox, and a client on the default `_INBOX` prefix would never see its PubAcks.
+        `nats_options` go to `nats.connect` as they are; other keywords to the client.
+        """
         errors: list[str] = []
 
         async def on_error(exc: Exception) -> None:
@@ -122,19 +140,27 @@ class LedgerClient:
             if "permissions violation" in str(exc).lower():
                 errors.append(str(exc))
 
-        connect_timeout = kwargs.pop("connect_timeout", 5.0)
-        reconnects = kwargs.pop("max_reconnect_attempts", 60)
+        options: dict[str, Any] = {
+            "servers": [url] if isinstance(url, str) else list(url),
+            "error_cb": on_error,
+            "connect_timeout": connect_timeout,
+            "max_reconnect_attempts": max_reconnect_attempts,
+        }
+        if tenant is not None:
+            options["inbox_prefix"] = f"_INBOX_{check_token(tenant, 'tenant')}"
+        for key, value in (("user", user), ("password", password), ("token", token),
+                           ("user_credentials", creds), ("inbox_prefix", inbox_prefix)):
+            if value is not None:
+                options[key] = value
+        options.update(nats_options or {})
         try:
             # nats-py retries a first connect without end for some settings: bound it.
-            nc = await asyncio.wait_for(
-                nats.connect(url, error_cb=on_error, connect_timeout=connect_timeout,
-                             max_reconnect_attempts=reconnects),
-                timeout=connect_timeout * 3,
-            )
+            nc = await asyncio.wait_for(nats.connect(**options),
+                                        timeout=connect_timeout * 3)
         except (OSError, nats.errors.Error) as exc:
             raise Unavailable(f"cannot connect to NATS at {url}: {exc}; is the worker (or "
                               "your NATS server) running?") from None
-        client = cls(nc, own_connection=True, **kwargs)
+        client = cls(nc, tenant=tenant, own_connection=True, **client_options)
         client._permission_errors = errors
         return client
 
