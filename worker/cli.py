@@ -1,4 +1,8 @@
-"""`jetledger worker`: run the service until SIGINT/SIGTERM, then exit 0."""
+"""`jetledger worker`: run the service until SIGINT/SIGTERM, then exit 0.
+
+Exit codes: 0 stopped cleanly; 1 runtime failure (start-up check, NATS, storage, a stop
+slower than stop_timeout); 2 usage or configuration error (the message names the setting).
+"""
 
 from __future__ import annotations
 
@@ -6,68 +10,98 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
-from pathlib import Path
 
+import nats.errors
+
+from . import admin, rebuild
 from .app import Worker
 from .config import WorkerConfig
+from .health import StartupError
+from .logs import configure_logging
+from .natsserver import NatsServerError
+from .settings import ConfigError, add_setting_arguments, load_config
 
-__all__ = ["add_arguments", "register", "run_worker"]
+__all__ = ["add_arguments", "redact", "register", "run_worker"]
+
+log = logging.getLogger("jetledger.worker")
+
+_DESCRIPTION = """\
+Consume the JetStream stream into the SQLite ledger and answer queries. Settings come from
+flags, then JETLEDGER_* environment variables, then the --config TOML file, then defaults
+(docs/operations.md lists them all). Without --nats-url an embedded nats-server is started.
+Prints one line containing "ready" on stdout once it serves; stops on SIGINT/SIGTERM.
+Exit codes: 0 stopped, 1 runtime failure, 2 usage or configuration error."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the worker's subcommands to the `jetledger` command."""
-    worker = sub.add_parser("worker", help="run the ledger worker (embedded NATS by default)")
+    worker = sub.add_parser(
+        "worker", help="run the ledger worker (embedded NATS by default)",
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(worker)
     worker.set_defaults(func=run_worker)
+    admin.register(sub)
+    rebuild.register(sub)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    p.add_argument("--nats-url", default=env("JETLEDGER_NATS_URL"),
-                   help="join this NATS server/cluster (default: start an embedded server)")
-    p.add_argument("--data-dir", type=Path, default=Path(env("JETLEDGER_DATA_DIR",
-                                                               "jetledger-data")),
-                   help="where the ledger file (and the embedded server's store) live")
-    p.add_argument("--port", type=int, default=4222,
-                   help="embedded server's client port (0: any free port)")
-    p.add_argument("--prefix", default=env("JETLEDGER_PREFIX", "jetledger"),
-                   help="subject prefix")
-    p.add_argument("--stream", default="JETLEDGER", help="JetStream stream name")
-    p.add_argument("--replicas", type=int, default=1, help="stream replicas (3 in production)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--strict", action="store_true", help="refuse unknown event kinds")
-    p.add_argument("--log-level", default=env("JETLEDGER_LOG_LEVEL", "INFO"))
+    add_setting_arguments(p)
+
+
+def redact(url: str) -> str:
+    """A URL without its user:password@ part, for logs and the ready line."""
+    return re.sub(r"//[^@/]*@", "//", url)
 
 
 async def _main(cfg: WorkerConfig) -> int:
+    loop = asyncio.get_running_loop()
     async with Worker(cfg) as worker:
-        loop = asyncio.get_running_loop()
+        stopping = False
+
+        def too_slow() -> None:
+            log.error("stop took longer than stop_timeout (%gs): exiting now; unacked "
+                      "messages are redelivered to the next run", cfg.stop_timeout)
+            os._exit(1)
+
+        def on_signal(sig: signal.Signals) -> None:
+            nonlocal stopping
+            if stopping:
+                log.error("second %s: exiting now", sig.name)
+                os._exit(1)
+            stopping = True
+            log.info("%s: stopping (at most %gs)", sig.name, cfg.stop_timeout)
+            worker.request_stop()
+            loop.call_later(cfg.stop_timeout, too_slow)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, worker.request_stop)
+            loop.add_signal_handler(sig, on_signal, sig)
         embedded = " (embedded nats-server)" if worker.server is not None else ""
-        print(f"jetledger worker ready: producers connect to {worker.url}{embedded}; "
-              f"ledger {cfg.db_path}", flush=True)
+        probes = f"; probes on {worker.http_url}" if worker.health is not None else ""
+        print(f"jetledger worker ready: producers connect to {redact(worker.url)}{embedded}; "
+              f"ledger {cfg.db_path}{probes}", flush=True)
         await worker.run()
     print("jetledger worker stopped", flush=True)
     return 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    cfg = WorkerConfig(
-        data_dir=args.data_dir,
-        nats_url=args.nats_url,
-        prefix=args.prefix,
-        stream_name=args.stream,
-        replicas=args.replicas,
-        embedded_port=args.port,
-        batch_size=args.batch_size,
-        strict=args.strict,
-    )
-    return asyncio.run(_main(cfg))
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        print(f"jetledger worker: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level, cfg.log_format)
+    try:
+        return asyncio.run(_main(cfg))
+    except StartupError as exc:
+        log.critical("not starting: %s", exc)
+    except nats.errors.NoServersError as exc:
+        log.critical("cannot reach NATS at %s: %s", redact(cfg.nats_url or "(embedded)"), exc)
+    except NatsServerError as exc:
+        log.critical("embedded nats-server failed: %s", exc)
+    except Exception:
+        log.exception("worker failed")
+    return 1
