@@ -22,7 +22,7 @@ from .config import WorkerConfig
 from .consumer import Ingestor
 from .health import Check, HealthServer, StartupError, check_database, server_syncs_always
 from .jetstream import ensure_stream
-from .metrics import CONTENT_TYPE, InstrumentedReader, InstrumentedWriter, WorkerMetrics
+from .metrics import CONTENT_TYPE, InstrumentedWriter, WorkerMetrics
 from .natsserver import NatsServer, NatsServerConfig
 from .reader import LedgerReader
 from .service import QueryService
@@ -229,13 +229,11 @@ class Worker:
         # Queries get their own NATS connection and SQLite connections: a large reply or a
         # slow query never sits in front of a fetch or a commit.
         self._query_nc = await self._connect("jetledger-worker-query")
-        reader = await InstrumentedReader.open(
+        self._reader = await LedgerReader.open(
             cfg.db_path, max_reply_bytes=self._query_nc.max_payload
         )
-        assert isinstance(reader, InstrumentedReader)
-        reader.metrics = self.metrics
-        self._reader = reader
-        self._service = QueryService(self._query_nc, self._reader, cfg)
+        self._service = QueryService(self._query_nc, self._reader, cfg,
+                                     observe=self.metrics.observe_query)
         await self._service.start()
         self.ingestor = _BindingIngestor(self._ingest_nc, js, writer, cfg,
                                          provision=provision, watch=watch)

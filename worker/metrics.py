@@ -2,17 +2,14 @@
 
 Counters of the ingest loop are read from `IngestStats` when Prometheus scrapes, so the loop
 itself carries no metrics code. Per-batch histograms come from `InstrumentedWriter` (a
-`LedgerWriter` that times `commit`), query counts from `InstrumentedReader` (a `LedgerReader`
-whose query methods count calls by op and outcome).
+`LedgerWriter` that times `commit`), query counts from the query service's `observe` hook
+(every answer by op and outcome, "overloaded" and malformed requests included).
 """
 
 from __future__ import annotations
 
-import contextvars
-import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,14 +24,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from jetledger.schemas import Outcome
-from jetledger.schemas.errors import JetledgerError
 
 from .consumer import IngestStats
 from .ingest import Decoded
-from .reader import LedgerReader
 from .writer import LedgerWriter
 
-__all__ = ["CONTENT_TYPE", "InstrumentedReader", "InstrumentedWriter", "WorkerMetrics"]
+__all__ = ["CONTENT_TYPE", "InstrumentedWriter", "WorkerMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _OUTCOMES = ("inserted", "duplicate", "conflict", "rejected")
@@ -165,45 +160,3 @@ class InstrumentedWriter(LedgerWriter):
         if self.metrics is not None:
             self.metrics.observe_commit(len(batch), time.perf_counter() - started)
         return outcomes
-
-
-_in_query: contextvars.ContextVar[bool] = contextvars.ContextVar("_in_query", default=False)
-
-
-class InstrumentedReader(LedgerReader):
-    """A `LedgerReader` counting each public query method's calls by outcome.
-
-    The op label is the method name (the service maps op `x` to `reader.x`); a query method
-    calling another counts once, as the outer one.
-    """
-
-    metrics: WorkerMetrics | None = None
-
-
-def _instrumented(name: str, method: Callable[..., Awaitable[Any]]) -> Any:
-    async def wrapper(self: InstrumentedReader, *args: Any, **kwargs: Any) -> Any:
-        if _in_query.get() or self.metrics is None:
-            return await method(self, *args, **kwargs)
-        token = _in_query.set(True)
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            return await method(self, *args, **kwargs)
-        except JetledgerError as exc:
-            outcome = exc.code
-            raise
-        except Exception:
-            outcome = "internal"
-            raise
-        finally:
-            _in_query.reset(token)
-            self.metrics.observe_query(name, outcome, time.perf_counter() - started)
-
-    wrapper.__name__ = name
-    wrapper.__doc__ = method.__doc__
-    return wrapper
-
-
-for _name, _method in inspect.getmembers(LedgerReader, inspect.iscoroutinefunction):
-    if not _name.startswith("_") and _name not in ("open", "close"):
-        setattr(InstrumentedReader, _name, _instrumented(_name, _method))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,12 +37,14 @@ from jetledger.schemas.queries import (
 from .config import WorkerConfig
 from .reader import LedgerReader
 
-__all__ = ["QueryService", "VERSION"]
+__all__ = ["VERSION", "Observer", "QueryService"]
 
 log = logging.getLogger("jetledger.worker")
 VERSION = "0.1.0"
 
 Handler = Callable[[LedgerReader, str, bytes, str], Awaitable[Any]]
+#: Called once per request answered: (op, outcome: "ok" or an error code, seconds).
+Observer = Callable[[str, str, float], None]
 
 
 def _body(data: bytes, type_: type[Any], content_type: str) -> Any:
@@ -89,8 +92,16 @@ assert set(HANDLERS) == set(OPS), "every op of the wire contract has a handler"
 
 
 class QueryService:
-    def __init__(self, nc: NATS, reader: LedgerReader, cfg: WorkerConfig) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        reader: LedgerReader,
+        cfg: WorkerConfig,
+        *,
+        observe: Observer | None = None,
+    ) -> None:
         self._nc = nc
+        self._observe: Observer = observe or (lambda op, outcome, seconds: None)
         self._reader = reader
         self._cfg = cfg
         self._subjects = cfg.subjects
@@ -138,6 +149,7 @@ class QueryService:
             err = InvalidQuery(f"{exc.message}; use {self._subjects.prefix}.q.<tenant>.<op>")
         if msg.reply:
             await _respond_error(Request(msg), err, content_type_of(msg.headers))
+        self._observe("unknown", err.code, 0.0)
 
     async def stop(self) -> None:
         if self._unknown is not None:
@@ -153,6 +165,7 @@ class QueryService:
                 await _respond_error(request, Overloaded(
                     f"{self._cfg.query_concurrency} queries are already running; retry shortly"
                 ), content_type_of(request.headers))
+                self._observe(op, Overloaded.code, 0.0)
                 return
             await self._slots.acquire()
             task = asyncio.create_task(self._serve(op, request))
@@ -163,18 +176,23 @@ class QueryService:
 
     async def _serve(self, op: str, request: Request) -> None:
         ct = content_type_of(request.headers)
+        started = time.perf_counter()
+        outcome = "ok"
         try:
             tenant, _ = self._subjects.parse_query(request.subject)
             reply = await HANDLERS[op](self._reader, tenant, request.data, ct)
             await request.respond(encode(reply, ct), headers={CONTENT_TYPE: ct})
         except JetledgerError as exc:
+            outcome = exc.code
             await _respond_error(request, exc, ct)
         except Exception:
             # Never send internals (reprs, SQL) to the caller: they go to the log.
+            outcome = "internal"
             log.exception("query %s on %s failed", op, request.subject)
             await _respond_error(request, None, ct)
         finally:
             self._slots.release()
+            self._observe(op, outcome, time.perf_counter() - started)
 
 
 async def _respond_error(request: Request, exc: JetledgerError | None, ct: str) -> None:
@@ -186,5 +204,5 @@ async def _respond_error(request: Request, exc: JetledgerError | None, ct: str) 
             data=encode(ErrorReply(code=code, message=message), ct),
             headers={CONTENT_TYPE: ct},
         )
-    except Exception:  # noqa: BLE001 - the requester may be gone
+    except Exception:
         log.debug("could not send error reply", exc_info=True)
