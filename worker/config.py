@@ -76,7 +76,9 @@ class WorkerConfig:
         default="ledger.db", metadata=_h("ledger file name inside data_dir"))
     quick_check: bool = field(default=True, metadata=_h(
         "refuse to start if the ledger file fails PRAGMA quick_check"))
-    batch_size: int = field(default=500, metadata=_h(
+    # 2000: the storage path measured 1.75x faster than at 500 (docs/performance.md); a fetch
+    # still returns at once with what is there, so small loads keep their latency.
+    batch_size: int = field(default=2000, metadata=_h(
         "messages fetched and committed per transaction (1..10000)"))
     fetch_timeout: float = field(
         default=1.0, metadata=_h("seconds one fetch waits for messages"))
