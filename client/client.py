@@ -62,6 +62,8 @@ from jetledger.schemas.queries import (
     RejectionsQuery,
     StreamQuery,
     StreamRecord,
+    TenantStats,
+    TenantStatsQuery,
 )
 
 __all__ = ["AppendResult", "LedgerClient"]
@@ -415,6 +417,10 @@ class LedgerClient:
     async def stream_record(self, stream: str, *, tenant: str | None = None) -> StreamRecord:
         """A stream's head with the event that opened it and its latest event."""
         return await self._query(tenant, "stream", StreamQuery(stream=stream), StreamRecord)
+
+    async def stats(self, *, tenant: str | None = None) -> TenantStats:
+        """How many events, streams and rejections the tenant has."""
+        return await self._query(tenant, "stats", TenantStatsQuery(), TenantStats)
 
     async def rejections(
         self,

@@ -4,6 +4,7 @@
     jetledger get --tenant acme 01J...                   one event
     jetledger streams --tenant acme --last-kind escalation_recorded
     jetledger tail --tenant acme --kind step_failed      follow new events
+    jetledger stats --tenant acme                        counts of events, streams, rejections
     jetledger rejections --tenant acme                   what was refused, and why
     jetledger export --tenant acme [--stream S] -o out.jsonl
 
@@ -93,6 +94,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="replay from after this position first (default: only new events)")
     p.add_argument("--count", type=int, default=None, help="stop after this many events")
     p.set_defaults(func=_runner(_tail))
+
+    p = sub.add_parser("stats", help="how many events, streams and rejections a tenant has")
+    _common(p)
+    p.set_defaults(func=_runner(_stats))
 
     p = sub.add_parser("rejections", help="what the worker refused for a tenant, and why")
     _common(p)
@@ -229,6 +234,21 @@ async def _tail(client: LedgerClient, args: argparse.Namespace) -> int:
         seen += 1
         if args.count is not None and seen >= args.count:
             break
+    return 0
+
+
+async def _stats(client: LedgerClient, args: argparse.Namespace) -> int:
+    stats = await client.stats()
+    if args.json:
+        _print_json(stats, sys.stdout)
+    else:
+        last = stats.last_recorded_at.isoformat(timespec="seconds") if stats.last_recorded_at \
+            else "-"
+        print_table(("TENANT", "EVENTS", "STREAMS", "REJECTIONS", "LAST_POSITION",
+                     "LAST_RECORDED_AT"),
+                    [[args.tenant, str(stats.events), str(stats.streams),
+                      str(stats.rejections), str(stats.last_position or "-"), last]],
+                    sys.stdout)
     return 0
 
 

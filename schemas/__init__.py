@@ -50,6 +50,8 @@ from .queries import (
     StreamRecord,
     StreamsPage,
     StreamsQuery,
+    TenantStats,
+    TenantStatsQuery,
 )
 from .subjects import DEFAULT_PREFIX, Subjects, check_token
 
@@ -97,6 +99,8 @@ __all__ = [
     "StreamsPage",
     "StreamsQuery",
     "Subjects",
+    "TenantStats",
+    "TenantStatsQuery",
     "TransportError",
     "Unavailable",
     "check_token",

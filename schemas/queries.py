@@ -33,6 +33,8 @@ __all__ = [
     "StreamHead",
     "StreamsPage",
     "StreamsQuery",
+    "TenantStats",
+    "TenantStatsQuery",
 ]
 
 DEFAULT_LIMIT: Final = 100
@@ -149,6 +151,18 @@ class RejectionsPage(msgspec.Struct, kw_only=True, omit_defaults=True):
     next_cursor: str | None = None
 
 
+class TenantStatsQuery(msgspec.Struct, kw_only=True):
+    """Counts for the tenant (no parameters)."""
+
+
+class TenantStats(msgspec.Struct, kw_only=True, omit_defaults=True):
+    events: int
+    streams: int
+    rejections: int
+    last_position: int | None = None
+    last_recorded_at: datetime | None = None
+
+
 class ErrorReply(msgspec.Struct, kw_only=True):
     """Body of an error reply; `code` is a code from `jetledger.schemas.errors`."""
 
@@ -164,4 +178,5 @@ OPS: Final[dict[str, tuple[type[msgspec.Struct], type[msgspec.Struct]]]] = {
     "streams": (StreamsQuery, StreamsPage),
     "stream": (StreamQuery, StreamRecord),
     "rejections": (RejectionsQuery, RejectionsPage),
+    "stats": (TenantStatsQuery, TenantStats),
 }

@@ -22,7 +22,7 @@ SCHEMAS_ALL = {
     "ProposalCreated", "ProposalValidated", "QueryError", "RejectedError", "RejectionInfo",
     "RejectionsPage", "RejectionsQuery", "StreamQuery", "StreamRecord", "StepCompleted",
     "StepFailed", "StepStarted", "StoredEvent", "StreamHead", "StreamsPage", "StreamsQuery",
-    "Subjects", "TaskClaimed", "TaskReleased", "ToolCallCompleted", "ToolCallStarted",
+    "Subjects", "TaskClaimed", "TenantStats", "TenantStatsQuery", "TaskReleased", "ToolCallCompleted", "ToolCallStarted",
     "TransportError", "Unavailable", "check_token", "decode_event", "encode", "new_event",
     "new_id", "payload_type", "register_payload", "typed_data", "wire_schema",
 }

@@ -263,7 +263,7 @@ async def test_query_service_answers_the_nats_discovery_protocol(worker: Running
         assert ping["name"] == "jetledger" and ping["type"] == "io.nats.micro.v1.ping_response"
         info = msgspec.json.decode((await nc.request("$SRV.INFO.jetledger", b"")).data)
         names = {e["name"] for e in info["endpoints"]}
-        assert names == {"events", "get", "head", "streams", "stream", "rejections"}
+        assert names == {"events", "get", "head", "streams", "stream", "rejections", "stats"}
         assert all(e["queue_group"] == "jetledger" for e in info["endpoints"])
         stats = msgspec.json.decode((await nc.request("$SRV.STATS.jetledger", b"")).data)
         assert {e["name"] for e in stats["endpoints"]} == names

@@ -110,3 +110,22 @@ async def test_no_worker_is_a_clear_failure(nats_server: object) -> None:
     )
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 1 and b"cannot connect to NATS" in err
+
+
+async def test_stats_counts_events_streams_and_rejections(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    await _seed(ledger)
+    nc = await nats.connect(worker.url)
+    try:
+        await nc.jetstream().publish("jetledger.evt.acme.k", b"\xc1not msgpack")
+    finally:
+        await nc.close()
+    await ledger.append(new_event(tenant="acme", stream="esc-0", kind="k", data={}), wait=True)
+    code, out, _ = await jl(worker, "stats", "--tenant", "acme", "--json")
+    stats = msgspec.json.decode(out)
+    assert code == 0
+    assert (stats["events"], stats["streams"], stats["rejections"]) == (4, 3, 1)
+    assert stats["last_position"] == 4
+    code, out, _ = await jl(worker, "stats", "--tenant", "nobody")
+    assert code == 0 and out.splitlines()[1].split()[:4] == ["nobody", "0", "0", "0"]

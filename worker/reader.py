@@ -29,6 +29,7 @@ from jetledger.schemas.queries import (
     StreamRecord,
     StreamsPage,
     StreamsQuery,
+    TenantStats,
 )
 
 from .times import from_micros, to_micros
@@ -252,6 +253,19 @@ class LedgerReader:
         )
         first, last = _stored(rows[0]), _stored(rows[-1])
         return StreamRecord(head=head, first=first, last=last)
+
+    async def stats(self, tenant: str) -> TenantStats:
+        """Counts from the stream heads (seqs are gap-free, so their sum is the number of
+        events): one row per stream read, never a scan of the events."""
+        rows = await self._all_rows(
+            "SELECT coalesce(sum(head_seq), 0), count(*), max(last_position), max(updated_at)"
+            " FROM streams WHERE tenant = ?", [tenant])
+        events, streams, last_position, last_at = rows[0]
+        (rejections,) = (await self._all_rows(
+            "SELECT count(*) FROM rejections WHERE tenant = ?", [tenant]))[0]
+        return TenantStats(
+            events=events, streams=streams, rejections=rejections, last_position=last_position,
+            last_recorded_at=from_micros(last_at) if last_at is not None else None)
 
     async def rejections(self, tenant: str, q: RejectionsQuery) -> RejectionsPage:
         where = ["tenant = ?"]

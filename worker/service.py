@@ -32,6 +32,7 @@ from jetledger.schemas.queries import (
     RejectionsQuery,
     StreamQuery,
     StreamsQuery,
+    TenantStatsQuery,
 )
 
 from .config import WorkerConfig
@@ -80,6 +81,11 @@ async def _rejections(reader: LedgerReader, tenant: str, data: bytes, ct: str) -
     return await reader.rejections(tenant, _body(data, RejectionsQuery, ct))
 
 
+async def _stats(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
+    _body(data, TenantStatsQuery, ct)  # validates the (empty) request
+    return await reader.stats(tenant)
+
+
 HANDLERS: dict[str, Handler] = {
     "events": _events,
     "get": _get,
@@ -87,6 +93,7 @@ HANDLERS: dict[str, Handler] = {
     "streams": _streams,
     "stream": _stream,
     "rejections": _rejections,
+    "stats": _stats,
 }
 assert set(HANDLERS) == set(OPS), "every op of the wire contract has a handler"
 
