@@ -19,7 +19,6 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
 
 from jetledger.schemas import (
@@ -271,10 +270,13 @@ class LedgerClient:
             except APIError as exc:
                 raise Unavailable(f"JetStream refused the event: {exc.description} "
                                   f"(error {exc.err_code})") from None
-            except (NatsTimeoutError, asyncio.TimeoutError) as exc:
+            except TimeoutError as exc:  # nats-py's and asyncio's
                 self._raise_if_denied(subject)
                 last = exc
                 await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+            except nats.errors.Error as exc:  # closed connection, outbound buffer full, ...
+                raise Unavailable(f"cannot publish to NATS ({type(exc).__name__}: {exc}); "
+                                  "nothing was sent") from None
         raise OutcomeUnknown(
             f"JetStream did not confirm event(s) {ids} after {self._attempts} attempts "
             f"({last!r}); they may or may not be stored: append again with the same ids, "
@@ -293,7 +295,7 @@ class LedgerClient:
         try:
             msg = await sub.next_msg(timeout=timeout or self.timeout)
             outcomes = decode(msg.data, list[Outcome])
-        except (NatsTimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             # The notice is best effort (a worker crash can lose it): ask the ledger.
             return await self._outcome_by_query(tenant, ids, js_seq)
         results: list[AppendResult] = []
@@ -346,9 +348,12 @@ class LedgerClient:
         except NoRespondersError:
             self._raise_if_denied(subject)
             raise Unavailable(f"no jetledger worker answers {subject!r}; is it running?")
-        except (NatsTimeoutError, asyncio.TimeoutError):
+        except TimeoutError:  # nats-py's and asyncio's
             self._raise_if_denied(subject)
             raise LedgerTimeout(f"no answer to {op!r} within {self.timeout}s") from None
+        except nats.errors.Error as exc:  # closed connection, outbound buffer full, ...
+            raise Unavailable(f"cannot reach the ledger over NATS ({type(exc).__name__}: "
+                              f"{exc})") from None
         ct = content_type_of(msg.headers)
         if msg.headers and "Nats-Service-Error-Code" in msg.headers:
             raise _error_reply(msg.data, msg.headers, ct)

@@ -155,3 +155,15 @@ async def test_raw_malformed_query_body_gets_an_error_reply_not_a_timeout(
 
 def test_event_type_is_the_wire_type() -> None:
     assert Event.__struct_fields__[:5] == ("id", "tenant", "kind", "stream", "occurred_at")
+
+
+async def test_a_closed_connection_is_unavailable_not_a_raw_nats_error(
+    worker: RunningWorker,
+) -> None:
+    nc = await nats.connect(worker.url)
+    client = LedgerClient(nc, tenant="acme")
+    await nc.close()  # e.g. the reconnect budget ran out
+    with pytest.raises(Unavailable, match="ConnectionClosedError"):
+        await client.append(new_event(tenant="acme", stream="s", kind="k", data={}))
+    with pytest.raises(Unavailable, match="ConnectionClosedError"):
+        await client.events()
