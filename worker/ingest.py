@@ -9,17 +9,22 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import msgspec
+
 from jetledger.schemas import Event, Subjects
 from jetledger.schemas.codec import (
     HEADER_NOTIFY,
     canonical_bytes,
     content_type_of,
+    decode,
     decode_batch,
     decode_event,
 )
 from jetledger.schemas.errors import InvalidEvent, InvalidToken, JetledgerError
 
-__all__ = ["Candidate", "Decoded", "decode_message"]
+from .faults import handler_fault
+
+__all__ = ["Candidate", "Decoded", "decode_message", "peek_event_id"]
 
 
 @dataclass(slots=True)
@@ -43,6 +48,8 @@ class Decoded:
     events: list[Candidate] = field(default_factory=list)
     atomic: bool = False
     error: JetledgerError | None = None
+    #: The event id a rejection should name when `events` could not be built.
+    reject_id: str | None = None
 
     @property
     def notify(self) -> str | None:
@@ -50,6 +57,8 @@ class Decoded:
 
     @property
     def event_id(self) -> str | None:
+        if self.reject_id is not None:
+            return self.reject_id
         return self.events[0].event.id if len(self.events) == 1 else None
 
 
@@ -94,8 +103,22 @@ def decode_message(
                     f"envelope tenant {event.tenant!r} differs from subject tenant "
                     f"{where.tenant!r}; nothing was stored under either"
                 )
+        for event in events:
+            handler_fault(event.kind)  # test-only: raises for JETLEDGER_FAULT_KIND
         out.events = [_candidate(e) for e in events]
     except (InvalidEvent, InvalidToken) as exc:
         out.events = []
         out.error = exc
     return out
+
+
+def peek_event_id(subject: str, data: bytes, headers: dict[str, str] | None) -> str | None:
+    """The id of a single-event message, read without any validation (for naming a message
+    that could not be handled); None for batches and for bytes that are not an envelope."""
+    if ".batch." in subject:
+        return None
+    try:
+        event = decode(data, Event, content_type_of(headers))
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return event.id

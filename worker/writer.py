@@ -34,9 +34,19 @@ class StorageError(Exception):
     """The database refused the batch; nothing of it was committed."""
 
 
+#: Errors caused by what a message contains (a constraint it breaks, a value SQLite cannot
+#: bind): retrying the same message cannot help, so the ingest loop isolates it instead.
+_MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError,
+                   sqlite3.InterfaceError, sqlite3.NotSupportedError)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Locked, busy, full, read-only, I/O: worth retrying once the fault clears."""
-    return isinstance(exc, (sqlite3.OperationalError, sqlite3.DatabaseError, StorageError))
+    """Locked, busy, full, read-only, I/O, even corrupt: a fault of the storage, not of any
+    message, so the batch is held and retried until it clears (never turned into
+    rejections)."""
+    if isinstance(exc, _MESSAGE_ERRORS):
+        return False
+    return isinstance(exc, (sqlite3.Error, StorageError, MemoryError))
 
 
 @dataclass(slots=True)
@@ -138,8 +148,14 @@ class LedgerWriter:
 
         Raises (after rolling back) if the database refuses: nothing is committed then.
         """
+        if self._db.in_transaction:
+            # A ROLLBACK that failed (I/O error) left it open: BEGIN would fail forever.
+            await self._rollback()
         await self._db.execute("BEGIN IMMEDIATE")
         try:
+            # Read inside the write lock, not cached: after any failed commit the truth is
+            # the file, so positions stay gap-free whatever was rolled back.
+            await self._load_position()
             outcomes = await self._write(batch)
             await self._db.execute("COMMIT")
         except BaseException:
@@ -152,7 +168,6 @@ class LedgerWriter:
             await self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # SQLite may have rolled back already (disk full does that)
-        await self._load_position()
 
     async def _existing(self, batch: list[Decoded]) -> dict[tuple[str, str], _Existing]:
         by_tenant: dict[str, list[str]] = defaultdict(list)
