@@ -48,10 +48,12 @@ from jetledger.schemas.errors import (
     ExpectedSeqMismatch,
     InvalidEvent,
     InvalidInput,
+    JetledgerError,
     LedgerTimeout,
     NotFound,
     OutcomeUnknown,
     PermissionDenied,
+    TransportError,
     Unavailable,
     error_for_code,
 )
@@ -254,29 +256,42 @@ class LedgerClient:
         self, subject: str, payload: bytes, headers: dict[str, str], ids: list[str]
     ) -> int:
         """JetStream publish; an unconfirmed publish is retried with the same bytes (the same
-        event id), and the worker stores the event once however often it arrives."""
+        event id), and the worker stores the event once however often it arrives. Once one
+        attempt went unconfirmed, a later failure is not definite either: OutcomeUnknown."""
         last: Exception | None = None
         for attempt in range(self._attempts):
+            if attempt:
+                await asyncio.sleep(min(0.1 * 2 ** (attempt - 1), 1.0))
             try:
                 ack = await self._js.publish(subject, payload, timeout=self.timeout,
                                              headers=headers)
                 return ack.seq
-            except (NoRespondersError, NoStreamResponseError):
-                self._raise_if_denied(subject)
-                raise Unavailable(
-                    f"no JetStream stream captures {subject!r}: start the jetledger worker "
-                    "(it creates the stream) or check the subject prefix"
-                ) from None
-            except APIError as exc:
-                raise Unavailable(f"JetStream refused the event: {exc.description} "
-                                  f"(error {exc.err_code})") from None
             except TimeoutError as exc:  # nats-py's and asyncio's
                 self._raise_if_denied(subject)
                 last = exc
-                await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+                continue
+            except (NoRespondersError, NoStreamResponseError):
+                self._raise_if_denied(subject)
+                definite: JetledgerError = Unavailable(
+                    f"no JetStream stream captures {subject!r}: start the jetledger worker "
+                    "(it creates the stream) or check the subject prefix")
+            except APIError as exc:
+                if exc.err_code == 10054:  # over the stream's max_msg_size
+                    definite = EventTooLarge(
+                        f"JetStream refused the event: {exc.description} (the stream's "
+                        "max_msg_size); store large content elsewhere and reference it")
+                else:
+                    definite = Unavailable(f"JetStream refused the event: {exc.description} "
+                                           f"(error {exc.err_code})")
             except nats.errors.Error as exc:  # closed connection, outbound buffer full, ...
-                raise Unavailable(f"cannot publish to NATS ({type(exc).__name__}: {exc}); "
-                                  "nothing was sent") from None
+                definite = Unavailable(f"cannot publish to NATS ({type(exc).__name__}: "
+                                       f"{exc}); nothing was sent")
+            if last is None:
+                raise definite from None
+            raise OutcomeUnknown(
+                f"JetStream did not confirm event(s) {ids} ({last!r}), then: {definite}; an "
+                "earlier attempt may be stored: append again with the same ids, it is safe"
+            ) from None
         raise OutcomeUnknown(
             f"JetStream did not confirm event(s) {ids} after {self._attempts} attempts "
             f"({last!r}); they may or may not be stored: append again with the same ids, "
@@ -320,7 +335,8 @@ class LedgerClient:
         for event_id in ids:
             try:
                 stored = await self.get(event_id, tenant=tenant)
-            except NotFound:
+            except (NotFound, TransportError):
+                # JetStream stored it (js_seq): never report that as "unavailable".
                 raise LedgerTimeout(
                     f"event {event_id!r} is in JetStream (stream seq {js_seq}) but the worker "
                     "has not committed it in time; is the worker running? It will be stored "

@@ -219,9 +219,6 @@ async def test_events_too_large_for_the_bus_get_a_clear_error_and_the_connection
           f"stream_error={type(err.value).__name__}: {err.value} consumer={drained}")
 
 
-@pytest.mark.xfail(strict=True, reason="client maps JetStream error 10054 (over the stream's "
-                   "max_msg_size) to Unavailable, a transport error that invites retries; "
-                   "fix proposed in the issue-4 report")
 async def test_event_over_the_streams_max_msg_size_is_event_too_large(
     small_server: NatsServer,
 ) -> None:
