@@ -73,3 +73,38 @@ async def test_queries_only_see_the_asking_tenant(ledger: LedgerClient) -> None:
         await ledger.get(b.id)  # bound to acme
     assert [s.seq for s in (await ledger.streams()).streams] == [1]
     assert (await ledger.stream_head("s", tenant="globex")).last_position == 2
+
+
+async def test_outcomes_go_only_to_the_producers_own_reply_inbox(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    """`Jetledger-Notify` is producer-chosen and the worker may publish where producers may
+    not: pointing it at another tenant's live subject, another tenant's inbox or the consumer's
+    ack subject must not make the worker publish there."""
+    spy = await nats.connect(worker.url)
+    producer = await nats.connect(worker.url)
+    try:
+        received: list[str] = []
+
+        async def record(msg: object) -> None:
+            received.append(getattr(msg, "subject", "?"))
+
+        targets = ["jetledger.live.globex", "_INBOX_globex.steal", "$JS.ACK.JETLEDGER.x",
+                   "_INBOX", "anything.else"]
+        for target in targets:
+            await spy.subscribe(target, cb=record)
+        own = "_INBOX_acme.mine"
+        await spy.subscribe(own, cb=record)
+        await spy.flush()
+        js = producer.jetstream()
+        for target in [*targets, own]:
+            event = new_event(tenant="acme", stream="s", kind="k", data={"to": target})
+            await js.publish("jetledger.evt.acme.k", encode(event),
+                             headers={"Jetledger-Notify": target})
+        await ledger.append(new_event(tenant="acme", stream="s", kind="k", data={}), wait=True)
+        await asyncio.sleep(0.2)
+    finally:
+        await spy.close()
+        await producer.close()
+    assert received == [own], received
+    assert check_ledger(worker.db_path).events == len(targets) + 2

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -33,7 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from jetledger.schemas import HEADER_NOTIFY, CommitNotice, Outcome, encode
-from jetledger.schemas.errors import InternalError
+from jetledger.schemas.errors import InternalError, InvalidToken
 
 from .config import WorkerConfig
 from .faults import commit_delay, crash_point
@@ -357,11 +358,16 @@ class Ingestor:
         spans: dict[str, list[int]] = {}
         try:
             for msg, outs in zip(msgs, outcomes, strict=True):
+                try:
+                    tenant: str | None = self._subjects.parse_ingest(msg.subject).tenant
+                except InvalidToken:
+                    tenant = None
                 inbox = msg.headers.get(HEADER_NOTIFY) if msg.headers else None
-                if inbox:
+                if inbox and tenant is not None and _is_reply_inbox(inbox, tenant):
                     await self._nc.publish(inbox, encode(outs))
-                tenant = self._subjects.parse_ingest(msg.subject).tenant if any(
-                    o.outcome == "inserted" for o in outs) else None
+                elif inbox:
+                    log.warning("not notifying %r: not a reply inbox of tenant %r", inbox,
+                                tenant)
                 for out in outs:
                     if tenant is not None and out.outcome == "inserted" and out.position:
                         span = spans.setdefault(tenant, [out.position, out.position, 0])
@@ -380,12 +386,27 @@ class Ingestor:
             return
         self._next_floor_at = now + self._cfg.floor_interval
         try:
-            info = await self._js.consumer_info(self._cfg.stream_name, self._cfg.consumer_name)
+            # Short timeout: a worker without consumer-info rights must not stall ingest.
+            info = await self._js.consumer_info(self._cfg.stream_name, self._cfg.consumer_name,
+                                                timeout=1)
         except Exception as exc:  # noqa: BLE001 - the floor is an optimisation for recovery
             log.debug("consumer info unavailable: %s", exc)
             return
         if info.ack_floor is not None:
             self._writer.note_ack_floor(info.ack_floor.stream_seq)
+
+
+_INBOX_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _is_reply_inbox(subject: str, tenant: str) -> bool:
+    """Only a producer's own reply inbox may receive outcomes: the header is producer-chosen,
+    and the worker may publish where producers may not (acks, other tenants' inboxes and
+    live subjects), so anything else is refused."""
+    head, _, rest = subject.partition(".")
+    if head not in ("_INBOX", f"_INBOX_{tenant}") or not rest:
+        return False
+    return all(_INBOX_TOKEN.match(token) for token in rest.split("."))
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
