@@ -144,8 +144,10 @@ async def test_worker_keeps_reconnecting_past_the_default_budget_and_resumes(
     client makes before closing for good (60). The worker keeps trying, reports itself not
     ready meanwhile, and resumes consuming in the same process once NATS is back."""
     await provision(server.url)
+    # 0.2 s between attempts instead of 1 s: the same 60+ attempts, in a fifth of the time.
     worker = WorkerProcess(server.url, tmp_path / "ledger",
-                           extra_args=("--batch-size", "100", "--http-port", "0"))
+                           extra_args=("--batch-size", "100", "--http-port", "0",
+                                       "--reconnect-wait", "0.2"))
     worker.start()
     db = worker.data_dir / "ledger.db"
     ledger = ProducerLedger()
@@ -164,13 +166,13 @@ async def test_worker_keeps_reconnecting_past_the_default_budget_and_resumes(
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as hold:
             hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             hold.bind(("127.0.0.1", port))
-            deadline = time.monotonic() + 2.5 * DEFAULT_RECONNECT_ATTEMPTS
+            deadline = time.monotonic() + 0.5 * DEFAULT_RECONNECT_ATTEMPTS
             failed = 0
             while time.monotonic() < deadline:
                 failed = worker.log_count(_FAILED_CONNECT)
                 if failed > DEFAULT_RECONNECT_ATTEMPTS or not worker.alive():
                     break
-                await asyncio.sleep(1)
+                await asyncio.sleep(0.2)
             assert failed > DEFAULT_RECONNECT_ATTEMPTS, worker.log_tail()
             status, body = await asyncio.to_thread(worker.readyz)
             assert status == 503 and not body["checks"]["nats"]["ok"], body

@@ -98,6 +98,8 @@ class WorkerConfig:
         "longest pause (s) between retries of a refused batch"))
     sqlite_busy_timeout_ms: int = field(
         default=5000, metadata=_h("SQLite busy timeout in milliseconds"))
+    reconnect_wait: float = field(default=1.0, metadata=_h(
+        "seconds between NATS reconnect attempts (the worker never stops trying)"))
     http_host: str = field(
         default="127.0.0.1", metadata=_h("address of the metrics/health HTTP server"))
     http_port: int | None = field(default=None, metadata=_h(
@@ -129,7 +131,7 @@ class WorkerConfig:
         _check("http_port", self.http_port is None or 0 <= self.http_port <= 65535,
                f"http_port must be 0..65535, got {self.http_port}")
         for name in ("fetch_timeout", "ack_wait", "floor_interval", "max_retry_delay",
-                     "consumer_info_interval", "stop_timeout"):
+                     "consumer_info_interval", "stop_timeout", "reconnect_wait"):
             value = getattr(self, name)
             _check(name, value > 0, f"{name} must be a positive number of seconds, got {value}")
         _check("sqlite_busy_timeout_ms", self.sqlite_busy_timeout_ms >= 0,
