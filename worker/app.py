@@ -109,7 +109,7 @@ async def connect_nats(
         [u.strip() for u in url.split(",")],
         name=name,
         max_reconnect_attempts=max_reconnect_attempts,
-        reconnect_time_wait=cfg.reconnect_wait,
+        reconnect_time_wait=cfg.reconnect_wait,  # type: ignore[arg-type]  # typed int, a float works
         connect_timeout=connect_timeout,
         inbox_prefix=cfg.inbox_prefix,
         error_cb=on_error,

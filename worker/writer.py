@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import msgspec
@@ -26,6 +26,8 @@ from .schema import DDL, PRAGMAS, SCHEMA_VERSION
 from .times import to_micros
 
 __all__ = ["LedgerWriter", "StorageError", "is_transient"]
+
+T = TypeVar("T")
 
 _headers_enc = msgspec.msgpack.Encoder()
 
@@ -186,6 +188,18 @@ class LedgerWriter:
                         found[(tenant, row[0])] = _Existing(row[1], row[2], row[3], row[4])
         return found
 
+    async def _decided(self, batch: list[Decoded]) -> dict[int, tuple[str, str, str | None]]:
+        """Messages of this batch already rejected on an earlier delivery."""
+        found: dict[int, tuple[str, str, str | None]] = {}
+        seqs = [msg.js_seq for msg in batch]
+        for chunk in _chunks(seqs, 500):
+            sql = (f"SELECT js_seq, code, reason, event_id FROM rejections"
+                   f" WHERE js_seq IN ({','.join('?' * len(chunk))})")
+            async with self._db.execute(sql, chunk) as cur:
+                async for row in cur:
+                    found[row[0]] = (row[1], row[2], row[3])
+        return found
+
     async def _heads(self, batch: list[Decoded]) -> dict[tuple[str, str], _Head]:
         by_tenant: dict[str, set[str]] = defaultdict(set)
         for msg in batch:
@@ -208,6 +222,7 @@ class LedgerWriter:
         now = time.time_ns() // 1000
         existing = await self._existing(batch)
         heads = await self._heads(batch)
+        decided = await self._decided(batch)
         position = self._position
         event_rows: list[tuple[Any, ...]] = []
         rejection_rows: list[tuple[Any, ...]] = []
@@ -217,6 +232,15 @@ class LedgerWriter:
 
         for msg in batch:
             max_js = max(max_js, msg.js_seq)
+            earlier = decided.get(msg.js_seq)
+            if earlier is not None:
+                # Rejected on an earlier delivery: the outcome of a message never changes,
+                # even if it would pass now (the stream head moved on to its expected_seq).
+                code, reason, event_id = earlier
+                results.append([Outcome(id=event_id or msg.event_id or "",
+                                        outcome="conflict" if code == "conflict" else "rejected",
+                                        code=code, reason=reason)])
+                continue
             if msg.error is not None:
                 rejection_rows.append(_rejection_row(msg, msg.error, now))
                 results.append([_rejected(msg, msg.error)])
@@ -313,7 +337,7 @@ class LedgerWriter:
         return results
 
 
-def _chunks(items: list[str], size: int) -> list[list[str]]:
+def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
