@@ -41,12 +41,14 @@ from jetledger.schemas import (
     check_token,
     encode,
 )
-from jetledger.schemas.codec import content_type_of, decode, normalize_event
+from jetledger.schemas.codec import canonical_bytes, content_type_of, decode, normalize_event
 from jetledger.schemas.envelope import MAX_BATCH_EVENTS
 from jetledger.schemas.errors import (
+    ConflictError,
     EventTooLarge,
     ExpectedSeqMismatch,
     InvalidEvent,
+    InternalError,
     InvalidInput,
     JetledgerError,
     LedgerTimeout,
@@ -186,7 +188,7 @@ class LedgerClient:
         worker committed it. Raises `RejectedError` subclasses if the worker refused it."""
         event = self._validate(event)
         subject = self._subjects.event(event.tenant, event.kind)
-        results = await self._send(subject, event, event.tenant, [event.id], wait, timeout)
+        results = await self._send(subject, event, event.tenant, [event], wait, timeout)
         return results[0]
 
     async def append_batch(
@@ -203,7 +205,7 @@ class LedgerClient:
             raise InvalidInput("all events of a batch must belong to one tenant")
         subject = self._subjects.batch(checked[0].tenant)
         return await self._send(subject, EventBatch(events=checked), checked[0].tenant,
-                                [e.id for e in checked], wait, timeout)
+                                checked, wait, timeout)
 
     def _validate(self, event: Event) -> Event:
         # Exactly the worker's rules: encode, then decode with validation.
@@ -220,16 +222,21 @@ class LedgerClient:
         subject: str,
         body: Any,
         tenant: str,
-        ids: list[str],
+        events: list[Event],
         wait: bool,
         timeout: float | None,
     ) -> list[AppendResult]:
         payload = encode(body, self._ct)
         headers = {CONTENT_TYPE: self._ct}
+        ids = [e.id for e in events]
         sub = None
         if wait:
             inbox = self._nc.new_inbox()
-            sub = await self._nc.subscribe(inbox, max_msgs=1)  # before publishing: no race
+            try:
+                sub = await self._nc.subscribe(inbox, max_msgs=1)  # before publishing: no race
+            except nats.errors.Error as exc:
+                raise Unavailable(f"cannot subscribe on NATS ({type(exc).__name__}: {exc}); "
+                                  "nothing was sent") from None
             headers[HEADER_NOTIFY] = inbox
         size = len(payload) + _header_bytes(headers) + len(subject)
         if size > self._nc.max_payload:
@@ -244,7 +251,7 @@ class LedgerClient:
             js_seq = await self._publish(subject, payload, headers, ids)
             if sub is None:
                 return [AppendResult(id=i, outcome="accepted", js_seq=js_seq) for i in ids]
-            return await self._await_outcome(sub, tenant, ids, js_seq, timeout)
+            return await self._await_outcome(sub, tenant, events, js_seq, timeout)
         finally:
             if sub is not None:
                 try:
@@ -305,14 +312,20 @@ class LedgerClient:
             raise PermissionDenied(f"NATS refused access for {subject!r}: {detail}")
 
     async def _await_outcome(
-        self, sub: Any, tenant: str, ids: list[str], js_seq: int, timeout: float | None
+        self, sub: Any, tenant: str, events: list[Event], js_seq: int, timeout: float | None
     ) -> list[AppendResult]:
         try:
             msg = await sub.next_msg(timeout=timeout or self.timeout)
             outcomes = decode(msg.data, list[Outcome])
         except TimeoutError:
             # The notice is best effort (a worker crash can lose it): ask the ledger.
-            return await self._outcome_by_query(tenant, ids, js_seq)
+            return await self._outcome_by_query(tenant, events, js_seq)
+        except nats.errors.Error as exc:
+            raise LedgerTimeout(
+                f"lost the connection while waiting for the worker ({type(exc).__name__}); "
+                f"the event(s) are in JetStream (seq {js_seq}) and will be committed") from None
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InternalError(f"malformed outcome notice from the worker: {exc}") from None
         results: list[AppendResult] = []
         for out in outcomes:
             if out.outcome in ("inserted", "duplicate"):
@@ -329,20 +342,30 @@ class LedgerClient:
         return results
 
     async def _outcome_by_query(
-        self, tenant: str, ids: list[str], js_seq: int
+        self, tenant: str, events: list[Event], js_seq: int
     ) -> list[AppendResult]:
+        """No notice came: decide the outcome from what the ledger holds under each id."""
         results = []
-        for event_id in ids:
+        for event in events:
             try:
-                stored = await self.get(event_id, tenant=tenant)
+                stored = await self.get(event.id, tenant=tenant)
             except (NotFound, TransportError):
                 # JetStream stored it (js_seq): never report that as "unavailable".
                 raise LedgerTimeout(
-                    f"event {event_id!r} is in JetStream (stream seq {js_seq}) but the worker "
-                    "has not committed it in time; is the worker running? It will be stored "
-                    "once the worker catches up"
+                    f"no outcome for event {event.id!r} (in JetStream at seq {js_seq}) and it "
+                    "is not stored yet: the worker is behind or not running, or it rejected "
+                    "the event (see `jetledger rejections`)"
                 ) from None
-            results.append(AppendResult(id=event_id, outcome="inserted", js_seq=js_seq,
+            if stored.js_seq == js_seq:
+                outcome: Literal["inserted", "duplicate"] = "inserted"
+            elif _same_content(event, stored):
+                outcome = "duplicate"  # an earlier copy of this event was stored
+            else:
+                raise ConflictError(
+                    f"event id {event.id!r} is already stored with different content "
+                    f"(at position {stored.position}); the original stays",
+                    event_id=event.id)
+            results.append(AppendResult(id=event.id, outcome=outcome, js_seq=js_seq,
                                         stream=stored.stream, seq=stored.seq,
                                         position=stored.position))
         return results
@@ -373,7 +396,10 @@ class LedgerClient:
         ct = content_type_of(msg.headers)
         if msg.headers and "Nats-Service-Error-Code" in msg.headers:
             raise _error_reply(msg.data, msg.headers, ct)
-        return decode(msg.data, reply, ct)
+        try:
+            return decode(msg.data, reply, ct)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InternalError(f"malformed {op!r} reply from the worker: {exc}") from None
 
     async def events(
         self,
@@ -474,7 +500,10 @@ class LedgerClient:
         async def on_notice(msg: Any) -> None:
             wake.set()
 
-        sub = await self._nc.subscribe(self._subjects.live(t), cb=on_notice)
+        try:
+            sub = await self._nc.subscribe(self._subjects.live(t), cb=on_notice)
+        except nats.errors.Error as exc:
+            raise Unavailable(f"cannot subscribe on NATS ({type(exc).__name__}: {exc})") from None
         try:
             if after_position is None:
                 newest = await self.events(tenant=t, order="desc", limit=1)
@@ -488,7 +517,9 @@ class LedgerClient:
                         last = event.position
                         yield event
                 except (Unavailable, LedgerTimeout):
-                    pass  # the worker is restarting: try again after the next wake-up
+                    if self._nc.is_closed:
+                        raise  # NATS gave up: waiting on would hang the caller silently
+                    # Otherwise the worker is restarting: try again after the next wake-up.
                 try:
                     await asyncio.wait_for(wake.wait(), poll_interval)
                 except TimeoutError:
@@ -503,3 +534,9 @@ def _error_reply(data: bytes, headers: dict[str, str], ct: str) -> Exception:
     except (msgspec.ValidationError, msgspec.DecodeError):
         return error_for_code("internal", headers.get("Nats-Service-Error", "unknown error"))
     return error_for_code(err.code, err.message)
+
+
+def _same_content(event: Event, stored: StoredEvent) -> bool:
+    """Compared in the worker's canonical form, as its dedupe does."""
+    as_sent = Event(**{f: getattr(stored, f) for f in Event.__struct_fields__})
+    return canonical_bytes(normalize_event(event)) == canonical_bytes(normalize_event(as_sent))

@@ -109,7 +109,7 @@ async def test_waiting_for_a_worker_that_is_not_running_times_out_clearly(
     async with await LedgerClient.connect(worker.url, tenant="acme", timeout=1) as client:
         worker.worker.request_stop()
         await worker.task  # ingest stopped; the query side still answers
-        with pytest.raises(LedgerTimeout, match="has not committed it in time"):
+        with pytest.raises(LedgerTimeout, match="is not stored yet: the worker is behind"):
             await client.append(new_event(tenant="acme", stream="s", kind="k", data={}),
                                 wait=True)
 

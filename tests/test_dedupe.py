@@ -105,3 +105,25 @@ async def test_redelivered_messages_are_no_ops(worker: RunningWorker) -> None:
     stats = worker.worker.ingestor.stats
     assert (stats.inserted, stats.duplicate) == (1, 19)
     assert check_ledger(worker.db_path).events == 1
+
+
+async def test_without_a_notice_the_outcome_is_decided_from_the_ledger_correctly(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    """The outcome notice is best effort. Here the worker refuses to notify (the inbox is not
+    the tenant's own reply inbox), so the client falls back to asking the ledger, which must
+    still tell inserted, duplicate and conflict apart."""
+    original = new_event(tenant="acme", stream="run", kind="k", data={"v": 1})
+    await ledger.append(original, wait=True)
+    blind = await LedgerClient.connect(worker.url, tenant="acme",
+                                       inbox_prefix="_INBOX_elsewhere", timeout=1)
+    try:
+        fresh = await blind.append(new_event(tenant="acme", stream="run", kind="k", data={}),
+                                   wait=True)
+        assert (fresh.outcome, fresh.seq) == ("inserted", 2)
+        again = await blind.append(original, wait=True)
+        assert (again.outcome, again.seq) == ("duplicate", 1)
+        with pytest.raises(ConflictError, match="already stored with different content"):
+            await blind.append(msgspec.structs.replace(original, data={"v": 2}), wait=True)
+    finally:
+        await blind.close()
