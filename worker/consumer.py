@@ -197,6 +197,9 @@ class Ingestor:
                 await msg.ack()
             crash_point("after_ack")
             await self._confirm(msgs[-1])
+            # Same connection, processed in order: acks held from earlier unconfirmed batches
+            # are in too, so they need not be kept (nor sent again) any longer.
+            self._unconfirmed.clear()
         except ConnectionClosedError:
             raise
         except (NatsError, TimeoutError) as exc:

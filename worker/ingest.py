@@ -13,7 +13,6 @@ import msgspec
 
 from jetledger.schemas import Event, Subjects
 from jetledger.schemas.codec import (
-    HEADER_NOTIFY,
     canonical_bytes,
     content_type_of,
     decode,
@@ -46,14 +45,10 @@ class Decoded:
     headers: dict[str, str] | None
     tenant: str | None = None
     events: list[Candidate] = field(default_factory=list)
-    atomic: bool = False
     error: JetledgerError | None = None
     #: The event id a rejection should name when `events` could not be built.
     reject_id: str | None = None
 
-    @property
-    def notify(self) -> str | None:
-        return self.headers.get(HEADER_NOTIFY) if self.headers else None
 
     @property
     def event_id(self) -> str | None:
@@ -84,7 +79,6 @@ def decode_message(
         if where.kind is None:
             batch = decode_batch(data, content_type, strict=strict)
             events = batch.events
-            out.atomic = True
             ids = [e.id for e in events]
             if len(set(ids)) != len(ids):
                 raise InvalidEvent("a batch must not contain the same event id twice")
