@@ -386,7 +386,8 @@ class LedgerClient:
                                          timeout=self.timeout, headers={CONTENT_TYPE: self._ct})
         except NoRespondersError:
             self._raise_if_denied(subject)
-            raise Unavailable(f"no jetledger worker answers {subject!r}; is it running?")
+            raise Unavailable(
+                f"no jetledger worker answers {subject!r}; is it running?") from None
         except TimeoutError:  # nats-py's and asyncio's
             self._raise_if_denied(subject)
             raise LedgerTimeout(f"no answer to {op!r} within {self.timeout}s") from None

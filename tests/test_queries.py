@@ -17,7 +17,6 @@ from jetledger.client import (
     ConflictError,
     EscalationRecorded,
     EscalationResolved,
-    ExecutionStarted,
     LedgerClient,
     NotFound,
     StepCompleted,

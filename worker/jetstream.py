@@ -35,7 +35,8 @@ log = logging.getLogger("jetledger.worker")
 
 #: JetStream's Nats-Msg-Id dedupe is stream-wide and keyed on a producer-chosen header, so a
 #: producer could suppress another tenant's event with it. jetledger never relies on it
-#: (idempotence is (tenant, id) in SQLite) and shrinks the window to the minimum to make the header close to inert.
+#: (idempotence is (tenant, id) in SQLite) and shrinks the window to the minimum, which makes
+#: the header close to inert.
 DUPLICATE_WINDOW_S = 0.1  # the server minimum
 #: Never give up on an event: a small MaxDeliver turns a long outage into silent loss.
 MAX_DELIVER_UNLIMITED = -1
