@@ -20,8 +20,7 @@ from nats.js.errors import APIError, NotFoundError
 from .app import AdminDenied, PermissionWatch, connect_nats
 from .config import WorkerConfig
 from .jetstream import consumer_config, ensure_stream
-from .logs import configure_logging
-from .settings import ConfigError, add_setting_arguments, load_config
+from .settings import add_setting_arguments, command_config
 
 __all__ = ["InitResult", "admin_init", "register"]
 
@@ -64,15 +63,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_admin_init(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args)
-    except ConfigError as exc:
-        print(f"jetledger admin init: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(cfg.log_level, cfg.log_format)
-    if cfg.nats_url is None:
-        print("jetledger admin init: nats_url is not set (use --nats-url or "
-              "JETLEDGER_NATS_URL)", file=sys.stderr)
+    cfg = command_config(args, "admin init", needs_url=True)
+    if cfg is None:
         return 2
     try:
         result = asyncio.run(admin_init(cfg, reset_consumer=args.reset_consumer,

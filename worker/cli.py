@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import signal
-import sys
 
 import nats.errors
 
@@ -20,9 +19,8 @@ from . import admin, rebuild
 from .app import Worker
 from .config import WorkerConfig
 from .health import StartupError
-from .logs import configure_logging
 from .natsserver import NatsServerError
-from .settings import ConfigError, add_setting_arguments, load_config
+from .settings import add_setting_arguments, command_config
 
 __all__ = ["add_arguments", "redact", "register", "run_worker"]
 
@@ -88,12 +86,9 @@ async def _main(cfg: WorkerConfig) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args)
-    except ConfigError as exc:
-        print(f"jetledger worker: {exc}", file=sys.stderr)
+    cfg = command_config(args, "worker")
+    if cfg is None:
         return 2
-    configure_logging(cfg.log_level, cfg.log_format)
     try:
         return asyncio.run(_main(cfg))
     except StartupError as exc:

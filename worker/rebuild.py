@@ -25,8 +25,7 @@ from nats.js.errors import APIError
 from .app import AdminDenied, PermissionWatch, connect_nats
 from .config import WorkerConfig
 from .ingest import decode_message
-from .logs import configure_logging
-from .settings import ConfigError, add_setting_arguments, load_config
+from .settings import add_setting_arguments, command_config
 from .writer import LedgerWriter
 
 __all__ = ["Progress", "RebuildError", "RebuildSummary", "rebuild", "register"]
@@ -99,15 +98,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args)
-    except ConfigError as exc:
-        print(f"jetledger rebuild: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(cfg.log_level, cfg.log_format)
-    if cfg.nats_url is None:
-        print("jetledger rebuild: nats_url is not set (use --nats-url or JETLEDGER_NATS_URL)",
-              file=sys.stderr)
+    cfg = command_config(args, "rebuild", needs_url=True)
+    if cfg is None:
         return 2
     output: Path = args.output
     if output.exists():

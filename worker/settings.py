@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SettingError, WorkerConfig
+from .logs import configure_logging
 
 __all__ = [
     "ENV_PREFIX",
@@ -133,6 +135,24 @@ def add_setting_arguments(
             # Raw text: parsed (and its errors reported) like environment values, exit 2.
             parser.add_argument(s.flag, dest=s.name, default=argparse.SUPPRESS,
                                 metavar=s.name.upper(), help=help_text)
+
+
+def command_config(
+    args: argparse.Namespace, command: str, *, needs_url: bool = False
+) -> WorkerConfig | None:
+    """The prologue every `jetledger` worker-side command shares: load the settings and set up
+    logging, or print what is wrong (naming the setting) and return None: exit code 2."""
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        print(f"jetledger {command}: {exc}", file=sys.stderr)
+        return None
+    configure_logging(cfg.log_level, cfg.log_format)
+    if needs_url and cfg.nats_url is None:
+        print(f"jetledger {command}: nats_url is not set (use --nats-url or "
+              "JETLEDGER_NATS_URL)", file=sys.stderr)
+        return None
+    return cfg
 
 
 def load_config(
