@@ -134,7 +134,7 @@ async def _with_client(command: Command, args: argparse.Namespace) -> int:
     if not args.tenant:
         raise InvalidInput("--tenant is required (or set JETLEDGER_TENANT)")
     client = await LedgerClient.connect(args.nats_url, tenant=args.tenant, prefix=args.prefix,
-                                        timeout=args.timeout)
+                                        timeout=args.timeout, connect_timeout=args.timeout)
     async with client:
         return await command(client, args)
 

@@ -366,11 +366,10 @@ class Ingestor:
                 except InvalidToken:
                     tenant = None
                 inbox = msg.headers.get(HEADER_NOTIFY) if msg.headers else None
-                if inbox and tenant is not None and _is_reply_inbox(inbox, tenant):
+                if inbox and tenant is not None and _is_reply_inbox(inbox):
                     await self._nc.publish(inbox, encode(outs))
                 elif inbox:
-                    log.warning("not notifying %r: not a reply inbox of tenant %r", inbox,
-                                tenant)
+                    log.warning("not notifying %r: not a reply inbox", inbox)
                 for out in outs:
                     if tenant is not None and out.outcome == "inserted" and out.position:
                         span = spans.setdefault(tenant, [out.position, out.position, 0])
@@ -400,14 +399,17 @@ class Ingestor:
 
 
 _INBOX_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_INBOX_PREFIX = re.compile(r"^_INBOX(_[A-Za-z0-9_-]+)?$")
 
 
-def _is_reply_inbox(subject: str, tenant: str) -> bool:
-    """Only a producer's own reply inbox may receive outcomes: the header is producer-chosen,
-    and the worker may publish where producers may not (acks, other tenants' inboxes and
-    live subjects), so anything else is refused."""
+def _is_reply_inbox(subject: str) -> bool:
+    """Only a reply inbox (`_INBOX.…`, or `_INBOX_<prefix>.…` as per-tenant users have) may
+    receive outcomes: the header is producer-chosen, and the worker may publish where
+    producers may not (the consumer's ack subjects, live subjects), so anything else is
+    refused. Inbox tokens are random, and which inboxes the worker may reach at all is
+    the bus's permission (deploy/nats/auth.conf)."""
     head, _, rest = subject.partition(".")
-    if head not in ("_INBOX", f"_INBOX_{tenant}") or not rest:
+    if not _INBOX_PREFIX.match(head) or not rest:
         return False
     return all(_INBOX_TOKEN.match(token) for token in rest.split("."))
 
