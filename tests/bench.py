@@ -59,6 +59,8 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from jetledger.worker.config import WorkerConfig
+
 T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------------
@@ -81,24 +83,27 @@ class Profile:
     query_seconds: float  # per query cell
     backlog_events: int  # drained for the memory figure
     micro_events: int
+    growth_backlog: int  # drained into an empty, an N-event and (long) a 10M-event ledger
 
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile("quick", reps=2, bus_events=2_000, storage_events=3_000, writer_events=2_000,
                      naive_events=100, e2e_events=2_000, latency_seconds=0.6,
                      ledger_events=10_000, long_ledger_events=None, query_seconds=0.5,
-                     backlog_events=2_000, micro_events=2_000),
+                     backlog_events=2_000, micro_events=2_000, growth_backlog=2_000),
     # Sized for ~15 min on 2 shared cores with the shipped per-message fsync on the server
     # (publishes run at ~5k/s there): the 1M backlog alone takes ~7 min to publish and drain.
     "full": Profile("full", reps=3, bus_events=50_000, storage_events=100_000,
                     writer_events=100_000, naive_events=3_000, e2e_events=50_000,
                     latency_seconds=8.0, ledger_events=1_000_000, long_ledger_events=None,
-                    query_seconds=6.0, backlog_events=1_000_000, micro_events=50_000),
+                    query_seconds=6.0, backlog_events=1_000_000, micro_events=50_000,
+                    growth_backlog=100_000),
 }
 PROFILES["long"] = Profile(**{**PROFILES["full"].__dict__, "name": "long",
                               "long_ledger_events": 10_000_000})
 
-BATCH = 500  # WorkerConfig.batch_size as shipped; storage paths use the same batch size
+#: WorkerConfig.batch_size as shipped: the storage paths and FastStream use the same batch.
+BATCH: int = WorkerConfig().batch_size
 PIPELINE_WINDOW = 256  # appends in flight per producer process
 E2E_BATCH = 100  # events per append_batch message in the batched end-to-end variant
 QUERY_LIMIT = 100
@@ -1105,6 +1110,40 @@ class Bench:
         side = await other if other is not None else None
         return n / (t_commit - t_first), side
 
+    async def drain(self, name: str, prefix: str, seed: int,
+                    n: int) -> tuple[float, WorkerProc, CommitCounter]:
+        """Publish a backlog of n events, then start a worker on data dir `name` (an empty
+        or a pre-built ledger) and time it: n / (ready -> last commit). The producers are done
+        before the clock starts, so this measures the worker alone, not the publish path.
+        The worker and its counter are left running for the caller."""
+        stream = prefix.upper()
+        await self.ensure_stream(prefix, stream)
+        # Set-up, not measurement: the fastest way in is the bus's own publish_async.
+        _, _, errors = await self.publish(prefix, seed, n, raw=True)
+        self._check(errors, f"{prefix} backlog")
+        counter = CommitCounter(self.nc, prefix)
+        await counter.start()
+        w = await self.worker(name, prefix, stream)
+        t_ready = time.monotonic()
+        t_done = await counter.reached(n, max(300.0, n / 300))
+        return n / (t_done - t_ready), w, counter
+
+    async def growth_drains(self, name: str | None, prefix: str,
+                            seed: int) -> tuple[dict[str, Any], int]:
+        """Drain rates of `growth_backlog` events into the ledger in data dir `name` (each
+        repetition on top of the previous ones), or into a fresh empty ledger each time
+        (`name` None); and the events stored before the first drain."""
+        p = self.profile
+        vals = []
+        stored = _ledger_size(self.tmp / name / "ledger.db") if name else 0
+        for rep in range(p.reps):
+            rate, w, counter = await self.drain(name or f"{prefix}{rep}", f"{prefix}{rep}",
+                                                seed + rep, p.growth_backlog)
+            await counter.stop()
+            await w.stop()
+            vals.append(rate)
+        return summary(vals, "events/s"), stored
+
     async def e2e(self) -> None:
         p = self.profile
         for key, batch in (("e2e_eps", 1), ("e2e_batch_eps", E2E_BATCH)):
@@ -1187,6 +1226,17 @@ class Bench:
         await w.stop()
         self._explain(data / "ledger.db", start, windows)
 
+    async def growth(self) -> None:
+        """The worker alone (backlog drains), into an empty ledger and into the N-event one
+        the query section built (and grew); with --long also into a 10M-event one."""
+        self.r["growth_backlog"] = self.profile.growth_backlog
+        self.r["growth_drain_0_eps"], _ = await self.growth_drains(None, "g0x", 6500)
+        if (self.tmp / "q" / "ledger.db").exists():
+            self.r["growth_drain_n_eps"], self.r["growth_drain_n_stored"] = \
+                await self.growth_drains("q", "gnx", 6600)
+        else:
+            self.notes.append("growth at N needs the queries section (it builds the ledger)")
+
     def _explain(self, db: Path, start: float, windows: dict[str, float]) -> None:
         """The query plan SQLite picks for the benchmark's page query (for the notes)."""
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -1218,17 +1268,8 @@ class Bench:
         data.mkdir()
         start = time.time() - LEDGER_SPAN.total_seconds()
         await self.child(child_build_ledger, BuildJob(str(data / "ledger.db"), 8000, n, start))
-        w = await self.worker("long", "lng", "LNG")
-        counter = CommitCounter(self.nc, "lng")
-        await counter.start()
-        vals = []
-        for rep in range(p.reps):
-            rate, _ = await self.ingest_run("lng", 9000 + rep, p.e2e_events, counter)
-            vals.append(rate)
-        self.r["growth_long_eps"] = summary(vals, "events/s")
-        self.r["growth_long_events"] = n
-        await counter.stop()
-        await w.stop()
+        self.r["growth_long_eps"], self.r["growth_long_events"] = \
+            await self.growth_drains("long", "glx", 9000)
 
     async def memory(self) -> None:
         p = self.profile
@@ -1310,7 +1351,8 @@ class Bench:
                 ("storage", self.storage),  # raw sqlite3, LedgerWriter, eventsourcing
                 ("e2e", self.e2e),
                 ("latency", self.latency),
-                ("queries", self.queries_and_growth),  # queries, growth at N, ingest under load
+                ("queries", self.queries_and_growth),  # queries, ingest alone and under load
+                ("growth", self.growth),  # backlog drains into 0 and N stored
                 ("long", self.growth_long),
                 ("memory", self.memory),
             ]
@@ -1386,6 +1428,14 @@ def profile_breakdown(path: Path, events: int) -> dict[str, float]:
     return {k: round(v * scale, 2) for k, v in totals.most_common()}
 
 
+def _ledger_size(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
     """Shut the pool down; kill (by PID) any child still there after a grace period."""
     procs = list(getattr(pool, "_processes", {}).values())
@@ -1412,9 +1462,9 @@ ROW_LABELS = (
     "bus ceiling (fetch+ack, no storage)",
     "publish ceiling (raw publish_async)",
     "publish only (LedgerClient, pipelined)",
-    "storage ceiling (raw sqlite3, batch 500)",
-    "LedgerWriter.commit (pre-decoded, batch 500)",
-    "eventsourcing SQLite recorder (batch 500)",
+    "storage ceiling (raw sqlite3, worker's batch)",
+    "LedgerWriter.commit (pre-decoded, worker's batch)",
+    "eventsourcing SQLite recorder (worker's batch)",
     "FastStream pull batch + aiosqlite",
     "naive worker (fetch 1, insert, commit, ack)",
     "jetledger end to end",
@@ -1429,9 +1479,10 @@ ROW_LABELS = (
     "query c=32 during ingest",
     "ingest during c=1 queries",
     "ingest during c=32 queries",
-    "growth: ingest at 0 stored",
-    "growth: ingest at N stored",
-    "growth: ingest at 10M stored",
+    "ingest alone at N stored (end to end)",
+    "growth: drain into an empty ledger",
+    "growth: drain into N stored",
+    "growth: drain into 10M stored",
     "worker peak RSS draining backlog",
     "decode_message per event",
 )
@@ -1470,8 +1521,8 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
         "e2e_over_publish_only": div(m("e2e_eps"), m("publish_only_eps")),
         "publish_only_over_raw": div(m("publish_only_eps"), m("publish_raw_eps")),
         "bus_ceiling_over_publish_raw": div(m("bus_ceiling_eps"), m("publish_raw_eps")),
-        "growth_n_over_0": div(m("growth_n_eps"), m("e2e_eps")),
-        "growth_long_over_0": div(m("growth_long_eps"), m("e2e_eps")),
+        "growth_n_over_0": div(m("growth_drain_n_eps"), m("growth_drain_0_eps")),
+        "growth_long_over_0": div(m("growth_long_eps"), m("growth_drain_0_eps")),
         "ingest_c32_queries_over_alone": div(under.get("c32"), m("growth_n_eps")),
         "ingest_c1_queries_over_alone": div(under.get("c1"), m("growth_n_eps")),
     }
@@ -1494,9 +1545,9 @@ def render(r: dict[str, Any]) -> str:
     eps("bus ceiling (fetch+ack, no storage)", "bus_ceiling_eps")
     eps("publish ceiling (raw publish_async)", "publish_raw_eps")
     eps("publish only (LedgerClient, pipelined)", "publish_only_eps")
-    eps("storage ceiling (raw sqlite3, batch 500)", "storage_raw_eps")
-    eps("LedgerWriter.commit (pre-decoded, batch 500)", "storage_writer_eps")
-    eps("eventsourcing SQLite recorder (batch 500)", "eventsourcing_eps")
+    eps("storage ceiling (raw sqlite3, worker's batch)", "storage_raw_eps")
+    eps("LedgerWriter.commit (pre-decoded, worker's batch)", "storage_writer_eps")
+    eps("eventsourcing SQLite recorder (worker's batch)", "eventsourcing_eps")
     eps("FastStream pull batch + aiosqlite", "faststream_eps")
     eps("naive worker (fetch 1, insert, commit, ack)", "naive_eps")
     eps("jetledger end to end", "e2e_eps")
@@ -1520,9 +1571,13 @@ def render(r: dict[str, Any]) -> str:
     n = r.get("growth_n_events", 0)
     rows.append(("ingest during c=1 queries", _fmt(under.get("c1"), "events/s"), f"N={n:,}"))
     rows.append(("ingest during c=32 queries", _fmt(under.get("c32"), "events/s"), f"N={n:,}"))
-    eps("growth: ingest at 0 stored", "e2e_eps", "(= end to end)")
-    eps("growth: ingest at N stored", "growth_n_eps", f"N={n:,}")
-    eps("growth: ingest at 10M stored", "growth_long_eps", "long mode only")
+    eps("ingest alone at N stored (end to end)", "growth_n_eps", f"N={n:,}")
+    backlog = r.get("growth_backlog", 0)
+    eps("growth: drain into an empty ledger", "growth_drain_0_eps", f"backlog {backlog:,}")
+    eps("growth: drain into N stored", "growth_drain_n_eps",
+        f"{r.get('growth_drain_n_stored', 0):,} stored before")
+    eps("growth: drain into 10M stored", "growth_long_eps",
+        f"long mode only; {r.get('growth_long_events', 0):,} stored before")
     rows.append(("worker peak RSS draining backlog", _fmt(mem.get("worker_peak_rss_mb"), "MB"),
                  f"VmHWM; {_fmt(mem.get('worker_rss_at_start_mb'), 'MB')} at start"))
     micro = r.get("micro", {})
@@ -1572,7 +1627,8 @@ def main(argv: list[str] | None = None) -> int:
                              "per-message fsync costs; not a ledger configuration)")
     parser.add_argument("--only", default="", metavar="SECTIONS",
                         help="comma-separated subset of: bus, storage, e2e, latency, queries, "
-                             "long, memory (rows of skipped sections print n/a)")
+                             "growth, long, memory (rows of skipped sections print n/a; growth "
+                             "at N needs queries)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=N",
                         help="override one size of the mode, e.g. --set backlog_events=200000 "
                              f"(fields: {', '.join(f for f in Profile.__dataclass_fields__ if f != 'name')})")
