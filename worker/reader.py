@@ -2,6 +2,12 @@
 
 Readers never block the writer (WAL) and keep each read transaction to one statement, so
 they never hold back WAL checkpoints for long.
+
+Events are not decoded to be served: the stored `body` is the canonical MessagePack of the
+`Event` (a map in field order, defaults omitted), and a `StoredEvent` is that map followed by
+`seq`, `position`, `recorded_at` and `js_seq`. So a MessagePack reply splices the stored bytes
+(map header bumped by 4, the four pairs appended), byte for byte what encoding the decoded
+`StoredEvent` gives (tests/test_query_replies.py). JSON replies still decode and encode.
 """
 
 from __future__ import annotations
@@ -11,13 +17,15 @@ import base64
 import binascii
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiosqlite
 import msgspec
 
 from jetledger.schemas import Event, StoredEvent
+from jetledger.schemas.codec import JSON, MSGPACK, encode
 from jetledger.schemas.errors import InvalidQuery, NotFound
 from jetledger.schemas.queries import (
     EventsPage,
@@ -34,16 +42,106 @@ from jetledger.schemas.queries import (
 
 from .times import from_micros, to_micros
 
-__all__ = ["LedgerReader", "events_sql", "streams_sql"]
+__all__ = [
+    "LedgerReader",
+    "events_sql",
+    "spliced_event",
+    "stored_event",
+    "streams_sql",
+]
 
-_EVENT_COLUMNS = "body, seq, position, recorded_at, js_seq"
+#: body, seq, position, recorded_at, js_seq, occurred_at
+Row = tuple[bytes, int, int, int, int, int]
+
+_EVENT_COLUMNS = "body, seq, position, recorded_at, js_seq, occurred_at"
 _STREAM_COLUMNS = (
     "stream, head_seq, first_position, last_position, last_kind, created_at, updated_at"
 )
 _body_decoder = msgspec.msgpack.Decoder(Event)
-_size_encoder = msgspec.msgpack.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
 # Room for the page envelope, the cursor and headers inside max_payload.
 _REPLY_OVERHEAD = 1024
+
+
+class _Assigned(msgspec.Struct, kw_only=True):
+    """What the worker adds to an `Event` to make a `StoredEvent`: its fields, in its order."""
+
+    seq: int
+    position: int
+    recorded_at: datetime
+    js_seq: int
+
+
+class _RawEventsPage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """`EventsPage` with each event already encoded (encodes to the same bytes)."""
+
+    events: list[msgspec.Raw]
+    next_cursor: str | None = None
+
+
+class _RawStreamRecord(msgspec.Struct, kw_only=True):
+    """`StreamRecord` with both events already encoded (encodes to the same bytes)."""
+
+    head: StreamHead
+    first: msgspec.Raw
+    last: msgspec.Raw
+
+
+def _check_layout() -> None:
+    """Splicing is only right while the types have the layout it assumes: fail at import,
+    not with subtly different replies, if someone changes them."""
+
+    def names(cls: type[msgspec.Struct]) -> tuple[str, ...]:
+        return tuple(f.encode_name for f in msgspec.structs.fields(cls))
+
+    extra = msgspec.structs.fields(_Assigned)
+    stored = msgspec.structs.fields(StoredEvent)[-len(extra):]
+    ok = (
+        names(StoredEvent) == names(Event) + names(_Assigned)
+        # Always present, so always appended: omit_defaults never drops them.
+        and all(f.required for f in stored)
+        # The widest stored map (every Event field) stays a fixmap after the bump.
+        and len(names(StoredEvent)) <= 15
+        and names(_RawEventsPage) == names(EventsPage)
+        and names(_RawStreamRecord) == names(StreamRecord)
+    )
+    if not ok:
+        raise RuntimeError("StoredEvent/EventsPage/StreamRecord changed: update the reader")
+
+
+_check_layout()
+_EXTRA: Final = len(msgspec.structs.fields(_Assigned))
+# `data` is the only Event field whose default the stored map can still hold: a typed payload
+# whose fields are all defaults encodes as an empty map, and once decoded (as a dict) it equals
+# the default `{}`, which omit_defaults leaves out of the reply. Such bodies take the slow path.
+_EMPTY_DATA: Final = b"\xa4data\x80"
+
+
+def stored_event(row: Row) -> StoredEvent:
+    """The stored event, decoded (for JSON replies, and the reference for `spliced_event`)."""
+    ev = _body_decoder.decode(row[0])
+    return StoredEvent(
+        **msgspec.structs.asdict(ev),
+        seq=row[1],
+        position=row[2],
+        recorded_at=from_micros(row[3]),
+        js_seq=row[4],
+    )
+
+
+def spliced_event(row: Row) -> bytes:
+    """The MessagePack of `stored_event(row)`, built from the stored bytes without decoding."""
+    body = row[0]
+    head = body[0]
+    if 0x80 <= head <= 0x8F - _EXTRA and _EMPTY_DATA not in body:
+        assigned = _msgpack.encode(
+            _Assigned(seq=row[1], position=row[2], recorded_at=from_micros(row[3]),
+                      js_seq=row[4]))
+        out = bytearray(body)
+        out[0] = head + _EXTRA
+        out += memoryview(assigned)[1:]  # its own map header dropped: the pairs only
+        return bytes(out)
+    return _msgpack.encode(stored_event(row))
 
 
 def _encode_cursor(tag: str, *values: int) -> str:
@@ -64,17 +162,6 @@ def _decode_cursor(tag: str, cursor: str, n: int = 1) -> list[int]:
     if got[0] != tag:
         raise InvalidQuery("cursor belongs to another listing or ordering; start over without it")
     return [int(v) for v in values]
-
-
-def _stored(row: Any) -> StoredEvent:
-    ev = _body_decoder.decode(row[0])
-    return StoredEvent(
-        **msgspec.structs.asdict(ev),
-        seq=row[1],
-        position=row[2],
-        recorded_at=from_micros(row[3]),
-        js_seq=row[4],
-    )
 
 
 def _head(row: Any) -> StreamHead:
@@ -153,7 +240,11 @@ def streams_sql(tenant: str, q: StreamsQuery) -> tuple[str, list[Any]]:
 
 
 class LedgerReader:
-    """A small pool of read-only connections. Create with `await LedgerReader.open(...)`."""
+    """A small pool of read-only connections. Create with `await LedgerReader.open(...)`.
+
+    Query methods that return events return the reply's bytes in the requested content type
+    (MessagePack or JSON).
+    """
 
     def __init__(self, pool: list[aiosqlite.Connection], max_reply_bytes: int) -> None:
         self._all = pool
@@ -195,37 +286,44 @@ class LedgerReader:
         async with self._conn() as conn, conn.execute(sql, params) as cur:
             return list(await cur.fetchall())
 
-    async def events(self, tenant: str, q: EventsQuery) -> EventsPage:
-        sql, params = events_sql(tenant, q)
-        rows = await self._all_rows(sql, params)
-        events: list[StoredEvent] = []
-        size = _REPLY_OVERHEAD
+    async def events(self, tenant: str, q: EventsQuery, content_type: str = MSGPACK) -> bytes:
+        """An `EventsPage`, encoded."""
+        rows: list[Row] = await self._all_rows(*events_sql(tenant, q))
         more = len(rows) > q.limit
+        served: list[bytes] = []
+        size = _REPLY_OVERHEAD
         for row in rows[: q.limit]:
-            event = _stored(row)
-            size += len(_size_encoder.encode(event)) * 2  # JSON may be larger than msgpack
-            if size > self.max_reply_bytes and events:
+            event = spliced_event(row)
+            size += len(event) * 2  # JSON may be larger than msgpack
+            if size > self.max_reply_bytes and served:
                 more = True
                 break
-            events.append(event)
+            served.append(event)
         cursor = None
-        if more and events:
-            last = events[-1]
+        if more and served:
+            last = rows[len(served) - 1]
             cursor = (
-                _encode_cursor("t", to_micros(last.occurred_at), last.position)
+                _encode_cursor("t", last[5], last[2])
                 if q.order_by == "occurred_at"
-                else _encode_cursor("e", last.position)
+                else _encode_cursor("e", last[2])
             )
-        return EventsPage(events=events, next_cursor=cursor)
+        if content_type == JSON:
+            return encode(EventsPage(events=[stored_event(r) for r in rows[: len(served)]],
+                                     next_cursor=cursor), JSON)
+        return _msgpack.encode(
+            _RawEventsPage(events=[msgspec.Raw(e) for e in served], next_cursor=cursor))
 
-    async def get(self, tenant: str, event_id: str) -> StoredEvent:
-        rows = await self._all_rows(
+    async def get(self, tenant: str, event_id: str, content_type: str = MSGPACK) -> bytes:
+        """A `StoredEvent`, encoded."""
+        rows: list[Row] = await self._all_rows(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant = ? AND id = ?",
             [tenant, event_id],
         )
         if not rows:
             raise NotFound(f"no event with id {event_id!r} in tenant {tenant!r}")
-        return _stored(rows[0])
+        if content_type == JSON:
+            return encode(stored_event(rows[0]), JSON)
+        return spliced_event(rows[0])
 
     async def head(self, tenant: str, stream: str) -> StreamHead:
         rows = await self._all_rows(
@@ -244,15 +342,21 @@ class LedgerReader:
         cursor = _encode_cursor("s", heads[-1].first_position) if len(rows) > q.limit else None
         return StreamsPage(streams=heads, next_cursor=cursor)
 
-    async def stream(self, tenant: str, stream: str) -> StreamRecord:
+    async def stream(self, tenant: str, stream: str, content_type: str = MSGPACK) -> bytes:
+        """A `StreamRecord`, encoded."""
         head = await self.head(tenant, stream)
-        rows = await self._all_rows(
+        rows: list[Row] = await self._all_rows(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant = ? AND stream = ?"
             " AND seq IN (1, ?) ORDER BY seq",
             [tenant, stream, head.seq],
         )
-        first, last = _stored(rows[0]), _stored(rows[-1])
-        return StreamRecord(head=head, first=first, last=last)
+        first, last = rows[0], rows[-1]
+        if content_type == JSON:
+            return encode(StreamRecord(head=head, first=stored_event(first),
+                                       last=stored_event(last)), JSON)
+        return _msgpack.encode(_RawStreamRecord(
+            head=head, first=msgspec.Raw(spliced_event(first)),
+            last=msgspec.Raw(spliced_event(last))))
 
     async def stats(self, tenant: str) -> TenantStats:
         """Counts from the stream heads (seqs are gap-free, so their sum is the number of

@@ -43,7 +43,8 @@ __all__ = ["VERSION", "Observer", "QueryService"]
 log = logging.getLogger("jetledger.worker")
 VERSION = "0.1.0"
 
-Handler = Callable[[LedgerReader, str, bytes, str], Awaitable[Any]]
+#: (reader, tenant, request body, content type) -> the reply's bytes in that content type.
+Handler = Callable[[LedgerReader, str, bytes, str], Awaitable[bytes]]
 #: Called once per request answered: (op, outcome: "ok" or an error code, seconds).
 Observer = Callable[[str, str, float], None]
 
@@ -57,33 +58,35 @@ def _body(data: bytes, type_: type[Any], content_type: str) -> Any:
         raise InvalidQuery(f"malformed {type_.__name__} request: {exc}") from None
 
 
-async def _events(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
-    return await reader.events(tenant, _body(data, EventsQuery, ct))
+# Replies holding events come encoded from the reader (stored bytes spliced in, off the
+# event loop); the others are small and encoded here.
+async def _events(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> bytes:
+    return await reader.events(tenant, _body(data, EventsQuery, ct), ct)
 
 
-async def _get(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
-    return await reader.get(tenant, _body(data, GetQuery, ct).id)
+async def _get(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> bytes:
+    return await reader.get(tenant, _body(data, GetQuery, ct).id, ct)
 
 
-async def _head(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
-    return await reader.head(tenant, _body(data, HeadQuery, ct).stream)
+async def _head(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> bytes:
+    return encode(await reader.head(tenant, _body(data, HeadQuery, ct).stream), ct)
 
 
-async def _streams(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
-    return await reader.streams(tenant, _body(data, StreamsQuery, ct))
+async def _streams(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> bytes:
+    return encode(await reader.streams(tenant, _body(data, StreamsQuery, ct)), ct)
 
 
-async def _stream(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
-    return await reader.stream(tenant, _body(data, StreamQuery, ct).stream)
+async def _stream(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> bytes:
+    return await reader.stream(tenant, _body(data, StreamQuery, ct).stream, ct)
 
 
-async def _rejections(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
-    return await reader.rejections(tenant, _body(data, RejectionsQuery, ct))
+async def _rejections(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> bytes:
+    return encode(await reader.rejections(tenant, _body(data, RejectionsQuery, ct)), ct)
 
 
-async def _stats(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> Any:
+async def _stats(reader: LedgerReader, tenant: str, data: bytes, ct: str) -> bytes:
     _body(data, TenantStatsQuery, ct)  # validates the (empty) request
-    return await reader.stats(tenant)
+    return encode(await reader.stats(tenant), ct)
 
 
 HANDLERS: dict[str, Handler] = {
@@ -188,7 +191,7 @@ class QueryService:
         try:
             tenant, _ = self._subjects.parse_query(request.subject)
             reply = await HANDLERS[op](self._reader, tenant, request.data, ct)
-            await request.respond(encode(reply, ct), headers={CONTENT_TYPE: ct})
+            await request.respond(reply, headers={CONTENT_TYPE: ct})
         except JetledgerError as exc:
             outcome = exc.code
             await _respond_error(request, exc, ct)
