@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 import nats
@@ -298,19 +299,19 @@ async def test_internal_failures_answer_generically_without_details(
 
     reader = worker.worker._reader  # noqa: SLF001 - break the read side on purpose
     assert reader is not None
-    original = reader._all_rows
+    original = reader._run
 
-    async def broken(sql: str, params: list[object]) -> list[object]:
+    async def broken(fn: object) -> object:
         raise RuntimeError("SELECT secret FROM internals")
 
-    reader._all_rows = broken  # type: ignore[method-assign]
+    reader._run = broken  # type: ignore[method-assign,assignment]
     try:
         with pytest.raises(InternalError) as err:
             await ledger.events()
         assert "secret" not in str(err.value) and "SELECT" not in str(err.value)
         assert "see its log" in str(err.value)
     finally:
-        reader._all_rows = original  # type: ignore[method-assign]
+        reader._run = original  # type: ignore[method-assign]
 
 
 async def test_a_flood_of_queries_gets_fast_overloaded_answers(
@@ -320,14 +321,14 @@ async def test_a_flood_of_queries_gets_fast_overloaded_answers(
 
     reader = worker.worker._reader  # noqa: SLF001
     assert reader is not None
-    original = reader._all_rows
+    original = reader._run
     gate = asyncio.Event()
 
-    async def slow(sql: str, params: list[object]) -> list[object]:
+    async def slow(fn: Any) -> Any:
         await gate.wait()
-        return await original(sql, params)
+        return await original(fn)
 
-    reader._all_rows = slow  # type: ignore[method-assign]
+    reader._run = slow  # type: ignore[method-assign]
     try:
         limit = worker.cfg.query_concurrency
         held = [asyncio.create_task(ledger.events()) for _ in range(limit)]
@@ -341,7 +342,7 @@ async def test_a_flood_of_queries_gets_fast_overloaded_answers(
         pages = await asyncio.gather(*held)
         assert all(p.events == [] for p in pages)
     finally:
-        reader._all_rows = original  # type: ignore[method-assign]
+        reader._run = original  # type: ignore[method-assign]
 
 
 async def test_replies_never_exceed_max_payload_pages_are_cut_with_a_cursor(

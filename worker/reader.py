@@ -3,6 +3,11 @@
 Readers never block the writer (WAL) and keep each read transaction to one statement, so
 they never hold back WAL checkpoints for long.
 
+Each query runs whole in a reader thread (plain `sqlite3`, one connection per thread): the
+statement, and turning its rows into the reply's bytes. SQLite releases the GIL while it
+steps, and the caller's event loop (shared with ingest) only sends and receives; a query is
+one hand-off to a thread and back, not one per cursor call.
+
 Events are not decoded to be served: the stored `body` is the canonical MessagePack of the
 `Event` (a map in field order, defaults omitted), and a `StoredEvent` is that map followed by
 `seq`, `position`, `recorded_at` and `js_seq`. So a MessagePack reply splices the stored bytes
@@ -15,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import queue
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-import aiosqlite
 import msgspec
 
 from jetledger.schemas import Event, StoredEvent
@@ -50,6 +56,7 @@ __all__ = [
     "streams_sql",
 ]
 
+T = TypeVar("T")
 #: body, seq, position, recorded_at, js_seq, occurred_at
 Row = tuple[bytes, int, int, int, int, int]
 
@@ -239,56 +246,85 @@ def streams_sql(tenant: str, q: StreamsQuery) -> tuple[str, list[Any]]:
     return sql, [*params, q.limit + 1]
 
 
-class LedgerReader:
-    """A small pool of read-only connections. Create with `await LedgerReader.open(...)`.
+def _rows(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[Any]:
+    cur = conn.execute(sql, params)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
 
-    Query methods that return events return the reply's bytes in the requested content type
-    (MessagePack or JSON).
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions, each statement is its own read.
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute("PRAGMA query_only=1")
+        conn.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class LedgerReader:
+    """Read-only connections, each used by one query at a time from a thread of its own.
+
+    Create with `await LedgerReader.open(...)`. Query methods return the reply's bytes in the
+    requested content type (MessagePack or JSON).
     """
 
-    def __init__(self, pool: list[aiosqlite.Connection], max_reply_bytes: int) -> None:
+    def __init__(self, pool: list[sqlite3.Connection], max_reply_bytes: int) -> None:
         self._all = pool
-        self._free: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._free: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         for conn in pool:
-            self._free.put_nowait(conn)
+            self._free.put(conn)
+        # As many threads as connections: a thread never waits for a connection.
+        self._threads = ThreadPoolExecutor(max_workers=len(pool),
+                                           thread_name_prefix="jetledger-reader")
         self.max_reply_bytes = max_reply_bytes
 
     @classmethod
     async def open(
-        cls, path: Path, *, connections: int = 2, max_reply_bytes: int = 1024 * 1024
+        cls, path: Path, *, connections: int = 4, max_reply_bytes: int = 1024 * 1024
     ) -> LedgerReader:
-        pool: list[aiosqlite.Connection] = []
-        try:
-            for _ in range(connections):
-                conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
-                pool.append(conn)
-                await conn.execute("PRAGMA query_only=1")
-                await conn.execute("PRAGMA busy_timeout=5000")
-        except BaseException:
-            for conn in pool:
-                await conn.close()
-            raise
-        return cls(pool, max_reply_bytes)
+        def connect_all() -> list[sqlite3.Connection]:
+            pool: list[sqlite3.Connection] = []
+            try:
+                for _ in range(connections):
+                    pool.append(_connect(path))
+            except BaseException:
+                for conn in pool:
+                    conn.close()
+                raise
+            return pool
+
+        return cls(await asyncio.to_thread(connect_all), max_reply_bytes)
 
     async def close(self) -> None:
-        for conn in self._all:
-            await conn.close()
+        def close_all() -> None:
+            self._threads.shutdown(wait=True)
+            for conn in self._all:
+                conn.close()
 
-    @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[aiosqlite.Connection]:
-        conn = await self._free.get()
+        await asyncio.to_thread(close_all)
+
+    def _with_conn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._free.get()
         try:
-            yield conn
+            return fn(conn)
         finally:
-            self._free.put_nowait(conn)
+            self._free.put(conn)
 
-    async def _all_rows(self, sql: str, params: list[Any]) -> list[Any]:
-        async with self._conn() as conn, conn.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` with a connection of its own, in a reader thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._with_conn, fn)
 
-    async def events(self, tenant: str, q: EventsQuery, content_type: str = MSGPACK) -> bytes:
-        """An `EventsPage`, encoded."""
-        rows: list[Row] = await self._all_rows(*events_sql(tenant, q))
+    def _events_page(
+        self, conn: sqlite3.Connection, tenant: str, q: EventsQuery, content_type: str
+    ) -> bytes:
+        rows: list[Row] = _rows(conn, *events_sql(tenant, q))
         more = len(rows) > q.limit
         served: list[bytes] = []
         size = _REPLY_OVERHEAD
@@ -313,23 +349,33 @@ class LedgerReader:
         return _msgpack.encode(
             _RawEventsPage(events=[msgspec.Raw(e) for e in served], next_cursor=cursor))
 
+    async def events(self, tenant: str, q: EventsQuery, content_type: str = MSGPACK) -> bytes:
+        """An `EventsPage`, encoded."""
+        return await self._run(lambda conn: self._events_page(conn, tenant, q, content_type))
+
     async def get(self, tenant: str, event_id: str, content_type: str = MSGPACK) -> bytes:
         """A `StoredEvent`, encoded."""
-        rows: list[Row] = await self._all_rows(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant = ? AND id = ?",
-            [tenant, event_id],
-        )
-        if not rows:
-            raise NotFound(f"no event with id {event_id!r} in tenant {tenant!r}")
-        if content_type == JSON:
-            return encode(stored_event(rows[0]), JSON)
-        return spliced_event(rows[0])
+
+        def one(conn: sqlite3.Connection) -> bytes:
+            rows: list[Row] = _rows(
+                conn, f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant = ? AND id = ?",
+                [tenant, event_id])
+            if not rows:
+                raise NotFound(f"no event with id {event_id!r} in tenant {tenant!r}")
+            if content_type == JSON:
+                return encode(stored_event(rows[0]), JSON)
+            return spliced_event(rows[0])
+
+        return await self._run(one)
 
     async def head(self, tenant: str, stream: str) -> StreamHead:
-        rows = await self._all_rows(
-            f"SELECT {_STREAM_COLUMNS} FROM streams WHERE tenant = ? AND stream = ?",
-            [tenant, stream],
-        )
+        return await self._run(lambda conn: self._head_of(conn, tenant, stream))
+
+    @staticmethod
+    def _head_of(conn: sqlite3.Connection, tenant: str, stream: str) -> StreamHead:
+        rows = _rows(conn,
+                     f"SELECT {_STREAM_COLUMNS} FROM streams WHERE tenant = ? AND stream = ?",
+                     [tenant, stream])
         if not rows:
             raise NotFound(f"stream {stream!r} has no events in tenant {tenant!r}")
         return _head(rows[0])
@@ -337,39 +383,49 @@ class LedgerReader:
     async def streams(self, tenant: str, q: StreamsQuery) -> StreamsPage:
         """Ordered by creation (first_position): a stream's place never moves, so a cursor
         stays correct while events arrive; new streams only appear at the newest end."""
-        rows = await self._all_rows(*streams_sql(tenant, q))
+        sql, params = streams_sql(tenant, q)
+        rows = await self._run(lambda conn: _rows(conn, sql, params))
         heads = [_head(r) for r in rows[: q.limit]]
         cursor = _encode_cursor("s", heads[-1].first_position) if len(rows) > q.limit else None
         return StreamsPage(streams=heads, next_cursor=cursor)
 
     async def stream(self, tenant: str, stream: str, content_type: str = MSGPACK) -> bytes:
         """A `StreamRecord`, encoded."""
-        head = await self.head(tenant, stream)
-        rows: list[Row] = await self._all_rows(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant = ? AND stream = ?"
-            " AND seq IN (1, ?) ORDER BY seq",
-            [tenant, stream, head.seq],
-        )
-        first, last = rows[0], rows[-1]
-        if content_type == JSON:
-            return encode(StreamRecord(head=head, first=stored_event(first),
-                                       last=stored_event(last)), JSON)
-        return _msgpack.encode(_RawStreamRecord(
-            head=head, first=msgspec.Raw(spliced_event(first)),
-            last=msgspec.Raw(spliced_event(last))))
+
+        def record(conn: sqlite3.Connection) -> bytes:
+            head = self._head_of(conn, tenant, stream)
+            rows: list[Row] = _rows(
+                conn,
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant = ? AND stream = ?"
+                " AND seq IN (1, ?) ORDER BY seq",
+                [tenant, stream, head.seq])
+            first, last = rows[0], rows[-1]
+            if content_type == JSON:
+                return encode(StreamRecord(head=head, first=stored_event(first),
+                                           last=stored_event(last)), JSON)
+            return _msgpack.encode(_RawStreamRecord(
+                head=head, first=msgspec.Raw(spliced_event(first)),
+                last=msgspec.Raw(spliced_event(last))))
+
+        return await self._run(record)
 
     async def stats(self, tenant: str) -> TenantStats:
         """Counts from the stream heads (seqs are gap-free, so their sum is the number of
         events): one row per stream read, never a scan of the events."""
-        rows = await self._all_rows(
-            "SELECT coalesce(sum(head_seq), 0), count(*), max(last_position), max(updated_at)"
-            " FROM streams WHERE tenant = ?", [tenant])
-        events, streams, last_position, last_at = rows[0]
-        (rejections,) = (await self._all_rows(
-            "SELECT count(*) FROM rejections WHERE tenant = ?", [tenant]))[0]
-        return TenantStats(
-            events=events, streams=streams, rejections=rejections, last_position=last_position,
-            last_recorded_at=from_micros(last_at) if last_at is not None else None)
+
+        def counts(conn: sqlite3.Connection) -> TenantStats:
+            events, streams, last_position, last_at = _rows(
+                conn,
+                "SELECT coalesce(sum(head_seq), 0), count(*), max(last_position),"
+                " max(updated_at) FROM streams WHERE tenant = ?", [tenant])[0]
+            (rejections,) = _rows(
+                conn, "SELECT count(*) FROM rejections WHERE tenant = ?", [tenant])[0]
+            return TenantStats(
+                events=events, streams=streams, rejections=rejections,
+                last_position=last_position,
+                last_recorded_at=from_micros(last_at) if last_at is not None else None)
+
+        return await self._run(counts)
 
     async def rejections(self, tenant: str, q: RejectionsQuery) -> RejectionsPage:
         where = ["tenant = ?"]
@@ -381,11 +437,9 @@ class LedgerReader:
             where.append("rid > ?" if q.order == "asc" else "rid < ?")
             params.extend(_decode_cursor("r", q.cursor))
         direction = "ASC" if q.order == "asc" else "DESC"
-        rows = await self._all_rows(
-            "SELECT rid, js_seq, subject, code, reason, recorded_at, event_id, length(raw)"
-            f" FROM rejections WHERE {' AND '.join(where)} ORDER BY rid {direction} LIMIT ?",
-            [*params, q.limit + 1],
-        )
+        sql = ("SELECT rid, js_seq, subject, code, reason, recorded_at, event_id, length(raw)"
+               f" FROM rejections WHERE {' AND '.join(where)} ORDER BY rid {direction} LIMIT ?")
+        rows = await self._run(lambda conn: _rows(conn, sql, [*params, q.limit + 1]))
         items = [
             RejectionInfo(rid=r[0], js_seq=r[1], subject=r[2], code=r[3], reason=r[4],
                           recorded_at=from_micros(r[5]), event_id=r[6], raw_size=r[7])
