@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["DDL", "PRAGMAS", "SCHEMA_VERSION"]
+__all__ = ["DDL", "MIGRATIONS", "PRAGMAS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 1
+#: 2: rejections are keyed by (js_seq, item), so one bundle message can hold several.
+SCHEMA_VERSION: Final = 2
 
 PRAGMAS: Final = (
     "PRAGMA journal_mode=WAL",
@@ -72,7 +73,11 @@ CREATE INDEX IF NOT EXISTS streams_tenant_last_kind ON streams (tenant, last_kin
 -- Everything consumed and not stored, with the bytes as they arrived.
 CREATE TABLE IF NOT EXISTS rejections (
     rid           INTEGER PRIMARY KEY,
-    js_seq        INTEGER NOT NULL UNIQUE,   -- redelivery of a rejected message is a no-op
+    js_seq        INTEGER NOT NULL,
+    -- 0: the whole message; n >= 1: the n-th event of a bundle, decided on its own. Never
+    -- reused for both, so a bundle rejected whole (say as "internal") is never mistaken on
+    -- redelivery for its first event's rejection.
+    item          INTEGER NOT NULL DEFAULT 0,
     subject       TEXT    NOT NULL,
     tenant        TEXT,
     event_id      TEXT,
@@ -82,7 +87,8 @@ CREATE TABLE IF NOT EXISTS rejections (
     headers       BLOB,
     existing_hash BLOB,
     new_hash      BLOB,
-    recorded_at   INTEGER NOT NULL
+    recorded_at   INTEGER NOT NULL,
+    UNIQUE (js_seq, item)                    -- redelivery of a rejection is a no-op
 );
 CREATE INDEX IF NOT EXISTS rejections_tenant ON rejections (tenant, rid);
 
@@ -93,3 +99,35 @@ CREATE TABLE IF NOT EXISTS ingest_state (
     ack_floor    INTEGER NOT NULL    -- every sequence <= this is committed (consumer recovery)
 ) WITHOUT ROWID;
 """
+
+#: version -> statements that bring a file of that version to the next, run in the write
+#: transaction that also records the new version (all or nothing).
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    # SQLite cannot drop the column constraint `js_seq UNIQUE`: rebuild the table, keeping
+    # every row and its rid (cursors of the rejections query are rids).
+    1: (
+        """CREATE TABLE rejections_v2 (
+            rid           INTEGER PRIMARY KEY,
+            js_seq        INTEGER NOT NULL,
+            item          INTEGER NOT NULL DEFAULT 0,
+            subject       TEXT    NOT NULL,
+            tenant        TEXT,
+            event_id      TEXT,
+            code          TEXT    NOT NULL,
+            reason        TEXT    NOT NULL,
+            raw           BLOB    NOT NULL,
+            headers       BLOB,
+            existing_hash BLOB,
+            new_hash      BLOB,
+            recorded_at   INTEGER NOT NULL,
+            UNIQUE (js_seq, item)
+        )""",
+        "INSERT INTO rejections_v2 (rid, js_seq, item, subject, tenant, event_id, code, reason,"
+        " raw, headers, existing_hash, new_hash, recorded_at)"
+        " SELECT rid, js_seq, 0, subject, tenant, event_id, code, reason, raw, headers,"
+        " existing_hash, new_hash, recorded_at FROM rejections ORDER BY rid",
+        "DROP TABLE rejections",
+        "ALTER TABLE rejections_v2 RENAME TO rejections",
+        "CREATE INDEX rejections_tenant ON rejections (tenant, rid)",
+    ),
+}

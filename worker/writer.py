@@ -8,6 +8,7 @@ must not ack: "nothing committed" is the only state a failed batch can leave beh
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections import defaultdict
@@ -22,7 +23,7 @@ from jetledger.schemas import Outcome
 from jetledger.schemas.errors import ConflictError, ExpectedSeqMismatch, JetledgerError
 
 from .ingest import Candidate, Decoded
-from .schema import DDL, PRAGMAS, SCHEMA_VERSION
+from .schema import DDL, MIGRATIONS, PRAGMAS, SCHEMA_VERSION
 from .times import to_micros
 
 __all__ = ["LedgerWriter", "StorageError", "is_transient"]
@@ -80,8 +81,8 @@ _UPSERT_STREAM = (
     " updated_at=excluded.updated_at"
 )
 _INSERT_REJECTION = (
-    "INSERT OR IGNORE INTO rejections (js_seq, subject, tenant, event_id, code, reason, raw,"
-    " headers, existing_hash, new_hash, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    "INSERT OR IGNORE INTO rejections (js_seq, item, subject, tenant, event_id, code, reason,"
+    " raw, headers, existing_hash, new_hash, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _UPSERT_STATE = (
     "INSERT INTO ingest_state (js_stream, last_js_seq, ack_floor) VALUES (?,?,?)"
@@ -112,6 +113,7 @@ class LedgerWriter:
             await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             for pragma in PRAGMAS:
                 await db.execute(pragma)
+            await _migrate(db, path)
             await db.executescript(DDL)
             await db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -194,7 +196,7 @@ class LedgerWriter:
         seqs = [msg.js_seq for msg in batch]
         for chunk in _chunks(seqs, 500):
             sql = (f"SELECT js_seq, code, reason, event_id FROM rejections"
-                   f" WHERE js_seq IN ({','.join('?' * len(chunk))})")
+                   f" WHERE item = 0 AND js_seq IN ({','.join('?' * len(chunk))})")
             async with self._db.execute(sql, chunk) as cur:
                 async for row in cur:
                     found[row[0]] = (row[1], row[2], row[3])
@@ -360,5 +362,45 @@ def _rejection_row(
 ) -> tuple[Any, ...]:
     event_id = getattr(err, "event_id", None) or msg.event_id
     headers = _headers_enc.encode(msg.headers) if msg.headers else None
-    return (msg.js_seq, msg.subject, msg.tenant, event_id, err.code, err.message, msg.raw,
+    return (msg.js_seq, 0, msg.subject, msg.tenant, event_id, err.code, err.message, msg.raw,
             headers, existing_hash, new_hash, now)
+
+
+async def _file_version(db: aiosqlite.Connection) -> int | None:
+    """The schema version of an existing ledger file; None for a new (empty) one."""
+    async with db.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name IN ('meta','rejections')"
+    ) as cur:
+        tables = {row[0] async for row in cur}
+    if "meta" in tables:
+        async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return int(row[0])
+    # Created by a version that crashed before recording its version: version 1 had it.
+    return 1 if "rejections" in tables else None
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    """Bring an older ledger file to SCHEMA_VERSION in place, one transaction per step (a
+    crash leaves the file at its old version or the new one, never in between)."""
+    version = await _file_version(db)
+    if version is None or version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise StorageError(f"{path} has ledger schema version {version}; this jetledger "
+                           f"knows up to {SCHEMA_VERSION}: upgrade jetledger")
+    while version < SCHEMA_VERSION:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[version]:
+                await db.execute(statement)
+            version += 1
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value=excluded.value", (str(version),))
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
