@@ -6,11 +6,11 @@ envelope happens here, so client and worker apply exactly the same rules.
 
 from __future__ import annotations
 
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 
-from .envelope import Event, EventBatch
+from .envelope import MAX_BATCH_EVENTS, Event, EventBatch
 from .errors import InvalidEvent
 from .payloads import payload_type
 
@@ -22,9 +22,11 @@ __all__ = [
     "canonical_bytes",
     "content_type_of",
     "decode",
+    "batch_items",
     "decode_batch",
     "decode_event",
     "encode",
+    "encode_bundle",
     "normalize_event",
 ]
 
@@ -110,7 +112,35 @@ def decode_batch(data: bytes, content_type: str = MSGPACK, *, strict: bool = Fal
         batch = decode(data, EventBatch, content_type)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidEvent(f"not a valid event batch ({content_type}): {exc}") from None
-    return EventBatch(events=[normalize_event(e, strict=strict) for e in batch.events])
+    return EventBatch(events=[normalize_event(e, strict=strict) for e in batch.events],
+                      atomic=batch.atomic)
+
+
+class _RawBatch(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An `EventBatch` whose events stay undecoded bytes, exactly as they arrived."""
+
+    events: Annotated[list[msgspec.Raw],
+                      msgspec.Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
+    atomic: bool = True
+
+
+def batch_items(data: bytes, content_type: str = MSGPACK) -> tuple[list[bytes], bool]:
+    """A batch's events as the bytes each arrived as (in `content_type`), and its `atomic`
+    flag, without validating the events: one event of a bundle can then be decided (and
+    kept as a rejection) on its own. Raises `InvalidEvent` if the batch frame itself is
+    not valid."""
+    try:
+        frame = decode(data, _RawBatch, content_type)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidEvent(f"not a valid event batch ({content_type}): {exc}") from None
+    return [bytes(item) for item in frame.events], frame.atomic
+
+
+def encode_bundle(items: list[bytes], content_type: str = MSGPACK) -> bytes:
+    """A bundle (`EventBatch` with `atomic=False`) of events already encoded one by one in
+    `content_type`: the same bytes as encoding the events, without encoding them again."""
+    return encode(_RawBatch(events=[msgspec.Raw(i) for i in items], atomic=False),
+                  content_type)
 
 
 def canonical_bytes(event: Event) -> bytes:

@@ -54,10 +54,19 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     v: int = ENVELOPE_VERSION
 
 
-class EventBatch(msgspec.Struct, kw_only=True):
-    """Events appended as one unit: all commit with consecutive seqs, or none do."""
+class EventBatch(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Events of one tenant in one message.
+
+    `atomic=True` (an atomic batch): all commit with consecutive seqs, or none do.
+    `atomic=False` (a bundle): each event is decided on its own, in order, exactly as if it
+    were its own message (inserted, duplicate, conflict or rejected), so one event's conflict
+    leaves the others stored; producers get one outcome per event. Only bytes that do not
+    decode as a batch, or an event naming another tenant, reject a bundle whole.
+    """
 
     events: Annotated[list[Event], msgspec.Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
+    # omit_defaults: an atomic batch encodes exactly as before this field existed.
+    atomic: bool = True
 
 
 class StoredEvent(Event, kw_only=True, omit_defaults=True):

@@ -4,6 +4,10 @@ Per batch: BEGIN IMMEDIATE; look up existing ids and stream heads; decide each m
 outcome (inserted / duplicate / conflict / rejected); write events, stream heads, rejections
 and the JetStream position; COMMIT. Any error rolls the whole batch back, and the caller
 must not ack: "nothing committed" is the only state a failed batch can leave behind.
+
+A single event or an atomic batch is decided as one unit; each event of a bundle on its own
+(in order, as if it were its own message), with a rejection row per refused event keyed by
+(js_seq, item). A decision once committed is replayed, never re-made, on redelivery.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import msgspec
 from jetledger.schemas import Outcome
 from jetledger.schemas.errors import ConflictError, ExpectedSeqMismatch, JetledgerError
 
-from .ingest import Candidate, Decoded
+from .ingest import BadItem, Candidate, Decoded
 from .schema import DDL, MIGRATIONS, PRAGMAS, SCHEMA_VERSION
 from .times import to_micros
 
@@ -84,6 +88,9 @@ _INSERT_REJECTION = (
     "INSERT OR IGNORE INTO rejections (js_seq, item, subject, tenant, event_id, code, reason,"
     " raw, headers, existing_hash, new_hash, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+
+#: (code, reason, event_id) of a rejection committed on an earlier delivery.
+_Decision = tuple[str, str, str | None]
 _UPSERT_STATE = (
     "INSERT INTO ingest_state (js_stream, last_js_seq, ack_floor) VALUES (?,?,?)"
     " ON CONFLICT (js_stream) DO UPDATE SET"
@@ -190,16 +197,17 @@ class LedgerWriter:
                         found[(tenant, row[0])] = _Existing(row[1], row[2], row[3], row[4])
         return found
 
-    async def _decided(self, batch: list[Decoded]) -> dict[int, tuple[str, str, str | None]]:
-        """Messages of this batch already rejected on an earlier delivery."""
-        found: dict[int, tuple[str, str, str | None]] = {}
+    async def _decided(self, batch: list[Decoded]) -> dict[tuple[int, int], _Decision]:
+        """Rejections committed on an earlier delivery of this batch's messages, by
+        (js_seq, item): item 0 is a whole message, n >= 1 the n-th event of a bundle."""
+        found: dict[tuple[int, int], _Decision] = {}
         seqs = [msg.js_seq for msg in batch]
         for chunk in _chunks(seqs, 500):
-            sql = (f"SELECT js_seq, code, reason, event_id FROM rejections"
-                   f" WHERE item = 0 AND js_seq IN ({','.join('?' * len(chunk))})")
+            sql = (f"SELECT js_seq, item, code, reason, event_id FROM rejections"
+                   f" WHERE js_seq IN ({','.join('?' * len(chunk))})")
             async with self._db.execute(sql, chunk) as cur:
                 async for row in cur:
-                    found[row[0]] = (row[1], row[2], row[3])
+                    found[(row[0], row[1])] = (row[2], row[3], row[4])
         return found
 
     async def _heads(self, batch: list[Decoded]) -> dict[tuple[str, str], _Head]:
@@ -232,20 +240,73 @@ class LedgerWriter:
         results: list[list[Outcome]] = []
         max_js = 0
 
+        def insert(msg: Decoded, cand: Candidate, seq: int) -> Outcome:
+            nonlocal position
+            ev = cand.event
+            position += 1
+            event_rows.append((
+                position, ev.tenant, ev.id, ev.stream, seq, ev.kind,
+                to_micros(ev.occurred_at), now, ev.correlation_id, ev.causation_id,
+                msg.js_seq, cand.content_hash, cand.body,
+            ))
+            skey = (ev.tenant, ev.stream)
+            if skey not in heads:
+                heads[skey] = _Head(0, position, now, is_new=True)
+            heads[skey].seq = seq
+            touched[skey] = (position, ev.kind)
+            existing[(ev.tenant, ev.id)] = _Existing(cand.content_hash, ev.stream, seq, position)
+            return Outcome(id=ev.id, outcome="inserted", stream=ev.stream, seq=seq,
+                           position=position)
+
+        def decide_bundle(msg: Decoded) -> list[Outcome]:
+            """Each event alone, in order: what the events before it did is already seen."""
+            outs: list[Outcome] = []
+            for it in msg.items():
+                earlier = decided.get((msg.js_seq, it.item))
+                if earlier is not None:
+                    event_id = it.event_id if isinstance(it, BadItem) else it.event.id
+                    outs.append(_replayed(earlier, event_id))
+                    continue
+                if isinstance(it, BadItem):
+                    rejection_rows.append(_rejection_row(
+                        msg, it.error, now, item=it.item, raw=it.raw, event_id=it.event_id))
+                    outs.append(_rejected(msg, it.error, it.event_id or ""))
+                    continue
+                ev = it.event
+                refused = _refusal(it, existing.get((ev.tenant, ev.id)),
+                                   heads.get((ev.tenant, ev.stream)))
+                if isinstance(refused, Outcome):
+                    outs.append(refused)  # a duplicate
+                elif refused is not None:
+                    err, old_hash, new_hash = refused
+                    rejection_rows.append(_rejection_row(
+                        msg, err, now, old_hash, new_hash, item=it.item,
+                        raw=msg.item_raw(it.item), event_id=ev.id))
+                    outs.append(_rejected(msg, err, ev.id))
+                else:
+                    head = heads.get((ev.tenant, ev.stream))
+                    outs.append(insert(msg, it, (head.seq if head is not None else 0) + 1))
+            return outs
+
         for msg in batch:
             max_js = max(max_js, msg.js_seq)
-            earlier = decided.get(msg.js_seq)
-            if earlier is not None:
+            whole = decided.get((msg.js_seq, 0))
+            if whole is not None:
                 # Rejected on an earlier delivery: the outcome of a message never changes,
                 # even if it would pass now (the stream head moved on to its expected_seq).
-                code, reason, event_id = earlier
-                results.append([Outcome(id=event_id or msg.event_id or "",
-                                        outcome="conflict" if code == "conflict" else "rejected",
-                                        code=code, reason=reason)])
+                ids = [c.event.id if isinstance(c, Candidate) else c.event_id
+                       for c in msg.items()]
+                if len(ids) > 1:
+                    results.append([_replayed(whole, i) for i in ids])
+                else:
+                    results.append([_replayed(whole, whole[2] or msg.event_id)])
                 continue
             if msg.error is not None:
                 rejection_rows.append(_rejection_row(msg, msg.error, now))
                 results.append([_rejected(msg, msg.error)])
+                continue
+            if msg.bundle:
+                results.append(decide_bundle(msg))
                 continue
             # Decide the message on a scratch copy so an atomic batch applies all or nothing.
             plan: list[tuple[Candidate, int]] = []
@@ -305,22 +366,7 @@ class LedgerWriter:
                 results.append([_rejected(msg, err, cand.event.id) for cand in msg.events])
                 continue
             for cand, seq in plan:
-                ev = cand.event
-                position += 1
-                event_rows.append((
-                    position, ev.tenant, ev.id, ev.stream, seq, ev.kind,
-                    to_micros(ev.occurred_at), now, ev.correlation_id, ev.causation_id,
-                    msg.js_seq, cand.content_hash, cand.body,
-                ))
-                skey = (ev.tenant, ev.stream)
-                if skey not in heads:
-                    heads[skey] = _Head(0, position, now, is_new=True)
-                heads[skey].seq = seq
-                touched[skey] = (position, ev.kind)
-                existing[(ev.tenant, ev.id)] = _Existing(cand.content_hash, ev.stream, seq,
-                                                         position)
-                outs.append(Outcome(id=ev.id, outcome="inserted", stream=ev.stream, seq=seq,
-                                    position=position))
+                outs.append(insert(msg, cand, seq))
             results.append(outs)
 
         if event_rows:
@@ -343,9 +389,40 @@ def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _refusal(
+    cand: Candidate, prior: _Existing | None, head: _Head | None
+) -> Outcome | tuple[JetledgerError, bytes | None, bytes | None] | None:
+    """Why one event of a bundle is not inserted: a duplicate (its Outcome), a conflict or a
+    stale expected_seq (error, existing hash, new hash); None if it is to be inserted."""
+    ev = cand.event
+    if prior is not None:
+        if prior.content_hash == cand.content_hash:
+            return Outcome(id=ev.id, outcome="duplicate", stream=prior.stream, seq=prior.seq,
+                           position=prior.position)
+        return (ConflictError(f"event id {ev.id!r} is already stored with different content "
+                              f"(at position {prior.position}); the original stays",
+                              event_id=ev.id),
+                prior.content_hash, cand.content_hash)
+    at = head.seq if head is not None else 0
+    if ev.expected_seq is not None and ev.expected_seq != at:
+        return (ExpectedSeqMismatch(f"stream {ev.stream!r} is at seq {at}, not at the "
+                                    f"expected {ev.expected_seq}", event_id=ev.id,
+                                    actual_seq=at),
+                None, None)
+    return None
+
+
+def _replayed(decision: _Decision, event_id: str | None) -> Outcome:
+    code, reason, _ = decision
+    return Outcome(id=event_id or decision[2] or "",
+                   outcome="conflict" if code == "conflict" else "rejected",
+                   code=code, reason=reason)
+
+
 def _rejected(msg: Decoded, err: JetledgerError, event_id: str | None = None) -> Outcome:
+    """`event_id` None: the message's own (a single event's); "" names no event."""
     return Outcome(
-        id=event_id or msg.event_id or "",
+        id=event_id if event_id is not None else msg.event_id or "",
         outcome="conflict" if isinstance(err, ConflictError) else "rejected",
         code=err.code,
         reason=err.message,
@@ -359,11 +436,18 @@ def _rejection_row(
     now: int,
     existing_hash: bytes | None = None,
     new_hash: bytes | None = None,
+    *,
+    item: int = 0,
+    raw: bytes | None = None,
+    event_id: str | None = None,
 ) -> tuple[Any, ...]:
-    event_id = getattr(err, "event_id", None) or msg.event_id
+    """A whole message's rejection (item 0: its bytes), or one bundle event's (its bytes,
+    its id); subject and headers are the message's."""
+    if event_id is None:
+        event_id = getattr(err, "event_id", None) or (msg.event_id if not item else None)
     headers = _headers_enc.encode(msg.headers) if msg.headers else None
-    return (msg.js_seq, 0, msg.subject, msg.tenant, event_id, err.code, err.message, msg.raw,
-            headers, existing_hash, new_hash, now)
+    return (msg.js_seq, item, msg.subject, msg.tenant, event_id, err.code, err.message,
+            raw if raw is not None else msg.raw, headers, existing_hash, new_hash, now)
 
 
 async def _file_version(db: aiosqlite.Connection) -> int | None:
