@@ -10,6 +10,7 @@ events, in both encodings.
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -106,6 +107,7 @@ def _events() -> Iterator[tuple[str, Event]]:
 EVENTS = dict(_events())
 ASSIGNED = [  # seq, position, recorded_at (µs), js_seq: small and wide integers and times
     (1, 1, to_micros(T0), 1),
+    (2, 2, to_micros(T0.replace(microsecond=0)), 2),  # whole seconds: the 32-bit timestamp
     (127, 128, to_micros(T0 + timedelta(microseconds=1)), 65_536),
     (2**31, 2**40, to_micros(datetime(2106, 2, 8, tzinfo=UTC)), 2**63 - 1),
     (5, 9, to_micros(datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)), 3),
@@ -235,6 +237,23 @@ async def test_the_client_gets_what_was_stored(worker: RunningWorker,
     expected = [slow_path(r) for r in rows]
     assert [e async for e in ledger.iter_events(limit=9)] == expected
     assert await ledger.get(expected[4].id) == expected[4]
+
+
+def test_recorded_at_encodes_as_msgspec_encodes_the_datetime() -> None:
+    """Every form of the MessagePack timestamp (32, 64, 96 bits) and the edges between."""
+    from jetledger.worker.reader import _timestamp
+
+    first = to_micros(datetime(1, 1, 1, tzinfo=UTC))
+    last = to_micros(datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC))
+    edges = [0, 1, 999_999, 1_000_000, -1, -1_000_000, -1_000_001,
+             (2**32 - 1) * 10**6, 2**32 * 10**6, (2**32 - 1) * 10**6 + 1,
+             (2**34 - 1) * 10**6 + 999_999, 2**34 * 10**6, first, last]
+    rng = random.Random(7)
+    values = edges + [rng.randrange(first, last) for _ in range(3000)] + [
+        rng.randrange(-(2**35) * 10**6, 2**35 * 10**6) for _ in range(3000)]
+    for micros in values:
+        expected = msgspec.msgpack.encode(from_micros(micros))
+        assert msgspec.msgpack.encode(_timestamp(micros)) == expected, micros
 
 
 def test_ordinary_events_are_spliced_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
