@@ -5,12 +5,21 @@
                                                data=StepStarted(step_id="s1", name="plan")),
                                      wait=True)
         page = await ledger.events(stream="run-1")
+
+Concurrent appends of one tenant are coalesced, group-commit style: while `max_in_flight`
+publishes of the tenant await JetStream's ack, further appends queue, and when one of those
+publishes is acked the queue goes out as one bundle (a non-atomic `EventBatch`: each event is
+decided on its own). The server fsyncs each message, so this is what lets many producers'
+appends through; a lone append is sent at once, alone, as without coalescing.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import copy
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -41,7 +50,13 @@ from jetledger.schemas import (
     check_token,
     encode,
 )
-from jetledger.schemas.codec import canonical_bytes, content_type_of, decode, normalize_event
+from jetledger.schemas.codec import (
+    canonical_bytes,
+    content_type_of,
+    decode,
+    encode_bundle,
+    normalize_event,
+)
 from jetledger.schemas.envelope import MAX_BATCH_EVENTS
 from jetledger.schemas.errors import (
     ConflictError,
@@ -91,6 +106,53 @@ def _header_bytes(headers: dict[str, str]) -> int:
     return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
+#: Bytes a bundle's frame adds around its events' own bytes, at most (JSON:
+#: `{"events":[` ... `],"atomic":false}` plus a comma per event; MessagePack is smaller).
+_BUNDLE_FRAME = 32
+#: Per-tenant publishes awaiting JetStream's ack before appends queue for a bundle. One is
+#: the fastest measured (1 > 2 > 4, at 8 tenants x 256 appends in flight: 8.4k, 6.3k,
+#: 6.2k events/s end to end): the server fsyncs messages one after another, so a second
+#: message in flight barely shortens anyone's wait and halves the events per message.
+DEFAULT_MAX_IN_FLIGHT = 1
+
+#: What one append of a delivery ended in: its result, or the error to raise for it.
+_Result = AppendResult | JetledgerError
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """An append waiting for a bundle."""
+
+    event: Event
+    item: bytes  # the event encoded in the client's content type: its bytes in the bundle
+    wait: bool
+    timeout: float | None
+    future: asyncio.Future[AppendResult]
+
+
+class _Lane:
+    """One tenant's publishes in flight and the appends queued behind them."""
+
+    __slots__ = ("in_flight", "queue")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.queue: deque[_Pending] = deque()
+
+
+def _ids_text(ids: list[str]) -> str:
+    if len(ids) <= 5:
+        return str(ids)
+    return f"{ids[:3]} and {len(ids) - 3} more"
+
+
+def _fail(future: asyncio.Future[AppendResult], exc: BaseException) -> None:
+    """Give one append of a bundle its own copy of the bundle's error (each caller gets an
+    exception object, and a traceback, of its own)."""
+    if not future.done():
+        future.set_exception(copy.copy(exc))
+
+
 class LedgerClient:
     """Async client for producers and readers. Bind `tenant` to skip it on every query."""
 
@@ -104,7 +166,12 @@ class LedgerClient:
         timeout: float = 5.0,
         publish_attempts: int = 3,
         own_connection: bool = False,
+        coalesce: bool = True,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
+        """`coalesce`: bundle concurrent `append`s of a tenant (see the module docstring);
+        False sends one message per append. `max_in_flight`: publishes of one tenant
+        awaiting JetStream's ack before further appends queue for a bundle."""
         self._nc = nc
         self._js = nc.jetstream(timeout=timeout)
         self._subjects = Subjects(prefix)
@@ -114,6 +181,18 @@ class LedgerClient:
         self._attempts = max(1, publish_attempts)
         self._own = own_connection
         self._permission_errors: list[str] = []
+        self.coalesce = coalesce
+        self.max_in_flight = max(1, max_in_flight)
+        self._lanes: dict[str, _Lane] = {}
+        self._bundles: set[asyncio.Task[None]] = set()
+        # Per-append costs that add up at tens of thousands of appends a second: event
+        # subjects (token checks) and header sizes (constant per connection).
+        self._event_subjects: dict[tuple[str, str], str] = {}
+        self._ct_header = _header_bytes({CONTENT_TYPE: content_type})
+        # A notify inbox is the inbox prefix, a dot and a 22-character NUID.
+        self._notify_header = (_header_bytes({CONTENT_TYPE: content_type,
+                                              HEADER_NOTIFY: nc.new_inbox()})
+                               - self._ct_header)
 
     @classmethod
     async def connect(
@@ -170,6 +249,13 @@ class LedgerClient:
         return client
 
     async def close(self) -> None:
+        # Appends already made are answered before the connection goes.
+        while self._bundles or any(lane.in_flight or lane.queue
+                                   for lane in self._lanes.values()):
+            if self._bundles:
+                await asyncio.gather(*self._bundles, return_exceptions=True)
+            else:
+                await asyncio.sleep(0.001)
         if self._own and not self._nc.is_closed:
             await self._nc.drain()
 
@@ -185,11 +271,158 @@ class LedgerClient:
         self, event: Event, *, wait: bool = False, timeout: float | None = None
     ) -> AppendResult:
         """Publish one event; returns once JetStream stored it, or with `wait=True` once the
-        worker committed it. Raises `RejectedError` subclasses if the worker refused it."""
+        worker committed it. Raises `RejectedError` subclasses if the worker refused it.
+
+        With coalescing on, the event may travel in a bundle with other appends of its
+        tenant; its result and its errors are its own, as if it had gone alone (except
+        that a publish error or an unknown outcome of the bundle is every member's)."""
         event = self._validate(event)
-        subject = self._subjects.event(event.tenant, event.kind)
-        results = await self._send(subject, event, event.tenant, [event], wait, timeout)
-        return results[0]
+        tenant = event.tenant
+        subject = self._event_subject(tenant, event.kind)
+        if not self.coalesce:
+            return (await self._send(subject, encode(event, self._ct), tenant, [event], wait,
+                                     timeout))[0]
+        item = encode(event, self._ct)
+        self._check_size(len(item), subject, wait)  # before it can join a bundle
+        lane = self._lanes.get(tenant)
+        if lane is None:
+            lane = self._lanes[tenant] = _Lane()
+        if lane.in_flight < self.max_in_flight and not lane.queue:
+            # A free slot: go now and alone (no added latency); the slot is given back as
+            # soon as JetStream acked, not when the worker's outcome comes.
+            lane.in_flight += 1
+            release = self._releaser(tenant, lane)
+            try:
+                (result,) = await self._deliver(subject, item, tenant, [event], [wait],
+                                                timeout, lambda _js_seq: release())
+            finally:
+                release()
+            if isinstance(result, JetledgerError):
+                raise result
+            return result
+        pending = _Pending(event, item, wait, timeout,
+                           asyncio.get_running_loop().create_future())
+        lane.queue.append(pending)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # Not yet taken into a bundle: never sent. Once taken, the bundle goes on for
+            # the others and this one's result is dropped.
+            if pending in lane.queue:
+                lane.queue.remove(pending)
+            raise
+
+    def _event_subject(self, tenant: str, kind: str) -> str:
+        key = (tenant, kind)
+        subject = self._event_subjects.get(key)
+        if subject is None:
+            if len(self._event_subjects) >= 4096:
+                self._event_subjects.clear()  # bounded, whatever the kinds producers invent
+            subject = self._event_subjects[key] = self._subjects.event(tenant, kind)
+        return subject
+
+    def _releaser(self, tenant: str, lane: _Lane) -> Callable[[], None]:
+        """Frees one in-flight slot of the lane (once, however often it is called) and sends
+        what queued behind it: on the next turn of the loop, so that the appenders just
+        answered, which typically append again at once, join that bundle instead of one of
+        them going alone and the rest waiting a whole round trip (twice the events per
+        message: the server fsyncs each message, so that is what counts)."""
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                asyncio.get_running_loop().call_soon(self._free, tenant, lane)
+
+        return release
+
+    def _free(self, tenant: str, lane: _Lane) -> None:
+        lane.in_flight -= 1
+        self._pump(tenant, lane)
+
+    def _pump(self, tenant: str, lane: _Lane) -> None:
+        while lane.queue and lane.in_flight < self.max_in_flight:
+            bundle = self._take(tenant, lane)
+            lane.in_flight += 1
+            task = asyncio.create_task(self._send_bundle(tenant, lane, bundle))
+            self._bundles.add(task)
+            task.add_done_callback(self._bundles.discard)
+
+    def _take(self, tenant: str, lane: _Lane) -> list[_Pending]:
+        """The queue's head, as much of it as one message holds: at most MAX_BATCH_EVENTS
+        events and max_payload bytes with headers (a notify inbox counted as if needed)."""
+        subject = self._subjects.batch(tenant)
+        budget = (self._nc.max_payload - len(subject) - _BUNDLE_FRAME - self._ct_header
+                  - self._notify_header)
+        bundle = [lane.queue.popleft()]  # fits alone: checked before it queued
+        used = len(bundle[0].item) + 1
+        while lane.queue and len(bundle) < MAX_BATCH_EVENTS:
+            size = len(lane.queue[0].item) + 1
+            if used + size > budget:
+                break
+            used += size
+            bundle.append(lane.queue.popleft())
+        return bundle
+
+    async def _send_bundle(self, tenant: str, lane: _Lane, bundle: list[_Pending]) -> None:
+        release = self._releaser(tenant, lane)
+        try:
+            await self._bundle_part(tenant, bundle, release)
+        finally:
+            release()
+
+    async def _bundle_part(
+        self, tenant: str, bundle: list[_Pending], release: Callable[[], None]
+    ) -> None:
+        """Send `bundle` (alone on its event subject if it is one event) and answer each of
+        its appends."""
+        events = [p.event for p in bundle]
+        waits = [p.wait for p in bundle]
+
+        def accepted(js_seq: int) -> None:
+            for p in bundle:  # those not waiting for the worker are answered now
+                if not p.wait and not p.future.done():
+                    p.future.set_result(AppendResult(id=p.event.id, outcome="accepted",
+                                                     js_seq=js_seq))
+            release()
+
+        if len(bundle) == 1:
+            subject = self._event_subject(tenant, events[0].kind)
+            payload = bundle[0].item
+        else:
+            subject = self._subjects.batch(tenant)
+            payload = encode_bundle([p.item for p in bundle], self._ct)
+        # One notice serves the bundle: wait for it as long as its most patient member.
+        timeout = max((p.timeout or self.timeout for p in bundle if p.wait), default=None)
+        try:
+            results = await self._deliver(subject, payload, tenant, events, waits, timeout,
+                                          accepted)
+        except EventTooLarge as exc:
+            if len(bundle) == 1:
+                _fail(bundle[0].future, exc)
+                return
+            # The stream's max_msg_size (which the client cannot see) refused the bundle,
+            # definitely: nothing was stored, so its halves may go, in order.
+            half = len(bundle) // 2
+            await self._bundle_part(tenant, bundle[:half], release)
+            await self._bundle_part(tenant, bundle[half:], release)
+            return
+        except asyncio.CancelledError:
+            for p in bundle:  # the loop is going away: nobody will answer them
+                p.future.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the bundle's fate is each member's
+            for p in bundle:
+                _fail(p.future, exc)
+            return
+        for p, result in zip(bundle, results, strict=True):
+            if p.future.done():
+                continue  # answered at the ack, or its caller was cancelled
+            if isinstance(result, JetledgerError):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
 
     async def append_batch(
         self, events: Sequence[Event], *, wait: bool = False, timeout: float | None = None
@@ -204,8 +437,8 @@ class LedgerClient:
         if len(tenants) != 1:
             raise InvalidInput("all events of a batch must belong to one tenant")
         subject = self._subjects.batch(checked[0].tenant)
-        return await self._send(subject, EventBatch(events=checked), checked[0].tenant,
-                                checked, wait, timeout)
+        return await self._send(subject, encode(EventBatch(events=checked), self._ct),
+                                checked[0].tenant, checked, wait, timeout)
 
     def _validate(self, event: Event) -> Event:
         # Exactly the worker's rules: encode, then decode with validation.
@@ -220,17 +453,49 @@ class LedgerClient:
     async def _send(
         self,
         subject: str,
-        body: Any,
+        payload: bytes,
         tenant: str,
         events: list[Event],
         wait: bool,
         timeout: float | None,
     ) -> list[AppendResult]:
-        payload = encode(body, self._ct)
+        """Send one message whose events share one fate (a single event, an atomic batch)."""
+        results = await self._deliver(subject, payload, tenant, events, [wait] * len(events),
+                                      timeout)
+        for result in results:
+            if isinstance(result, JetledgerError):
+                raise result
+        return [r for r in results if isinstance(r, AppendResult)]
+
+    def _check_size(self, payload_size: int, subject: str, wait: bool) -> None:
+        headers = self._ct_header + (self._notify_header if wait else 0)
+        self._raise_if_too_large(payload_size + headers + len(subject))
+
+    def _raise_if_too_large(self, size: int) -> None:
+        if size > self._nc.max_payload:
+            raise EventTooLarge(
+                f"message of {size} bytes (payload + headers) exceeds the server's max_payload "
+                f"of {self._nc.max_payload} bytes; store large content elsewhere and reference "
+                "it from the event"
+            )
+
+    async def _deliver(
+        self,
+        subject: str,
+        payload: bytes,
+        tenant: str,
+        events: list[Event],
+        waits: list[bool],
+        timeout: float | None,
+        on_published: Callable[[int], None] | None = None,
+    ) -> list[_Result]:
+        """Publish one message and learn each of its events' results (the worker's outcome
+        for those that wait). Errors of the publish itself are raised: they are every
+        event's. `on_published(js_seq)` runs once JetStream acked."""
         headers = {CONTENT_TYPE: self._ct}
         ids = [e.id for e in events]
         sub = None
-        if wait:
+        if any(waits):
             inbox = self._nc.new_inbox()
             try:
                 sub = await self._nc.subscribe(inbox, max_msgs=1)  # before publishing: no race
@@ -238,20 +503,17 @@ class LedgerClient:
                 raise Unavailable(f"cannot subscribe on NATS ({type(exc).__name__}: {exc}); "
                                   "nothing was sent") from None
             headers[HEADER_NOTIFY] = inbox
-        size = len(payload) + _header_bytes(headers) + len(subject)
-        if size > self._nc.max_payload:
-            if sub is not None:
-                await sub.unsubscribe()
-            raise EventTooLarge(
-                f"message of {size} bytes (payload + headers) exceeds the server's max_payload "
-                f"of {self._nc.max_payload} bytes; store large content elsewhere and reference "
-                "it from the event"
-            )
         try:
+            self._raise_if_too_large(len(payload) + _header_bytes(headers) + len(subject))
             js_seq = await self._publish(subject, payload, headers, ids)
+            if on_published is not None:
+                on_published(js_seq)
+            accepted: list[_Result] = [AppendResult(id=i, outcome="accepted", js_seq=js_seq)
+                                       for i in ids]
             if sub is None:
-                return [AppendResult(id=i, outcome="accepted", js_seq=js_seq) for i in ids]
-            return await self._await_outcome(sub, tenant, events, js_seq, timeout)
+                return accepted
+            return await self._await_outcome(sub, tenant, events, waits, js_seq, timeout,
+                                             accepted)
         finally:
             if sub is not None:
                 try:
@@ -296,11 +558,13 @@ class LedgerClient:
             if last is None:
                 raise definite from None
             raise OutcomeUnknown(
-                f"JetStream did not confirm event(s) {ids} ({last!r}), then: {definite}; an "
+                f"JetStream did not confirm event(s) {_ids_text(ids)} ({last!r}), then: "
+                f"{definite}; an "
                 "earlier attempt may be stored: append again with the same ids, it is safe"
             ) from None
         raise OutcomeUnknown(
-            f"JetStream did not confirm event(s) {ids} after {self._attempts} attempts "
+            f"JetStream did not confirm event(s) {_ids_text(ids)} after {self._attempts} "
+            "attempts "
             f"({last!r}); they may or may not be stored: append again with the same ids, "
             "it is safe"
         )
@@ -312,63 +576,65 @@ class LedgerClient:
             raise PermissionDenied(f"NATS refused access for {subject!r}: {detail}")
 
     async def _await_outcome(
-        self, sub: Any, tenant: str, events: list[Event], js_seq: int, timeout: float | None
-    ) -> list[AppendResult]:
+        self,
+        sub: Any,
+        tenant: str,
+        events: list[Event],
+        waits: list[bool],
+        js_seq: int,
+        timeout: float | None,
+        accepted: list[_Result],
+    ) -> list[_Result]:
+        """The worker's notice for the message: one outcome per event, in order (a message
+        rejected whole may have one for all). Events not waiting keep `accepted`."""
         try:
             msg = await sub.next_msg(timeout=timeout or self.timeout)
             outcomes = decode(msg.data, list[Outcome])
         except TimeoutError:
             # The notice is best effort (a worker crash can lose it): ask the ledger.
-            return await self._outcome_by_query(tenant, events, js_seq)
+            return [await self._outcome_by_query(tenant, e, js_seq) if w else a
+                    for e, w, a in zip(events, waits, accepted, strict=True)]
         except nats.errors.Error as exc:
-            raise LedgerTimeout(
+            err: JetledgerError = LedgerTimeout(
                 f"lost the connection while waiting for the worker ({type(exc).__name__}); "
-                f"the event(s) are in JetStream (seq {js_seq}) and will be committed") from None
+                f"the event(s) are in JetStream (seq {js_seq}) and will be committed")
+            return [copy.copy(err) if w else a for w, a in zip(waits, accepted, strict=True)]
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise InternalError(f"malformed outcome notice from the worker: {exc}") from None
-        results: list[AppendResult] = []
-        for out in outcomes:
-            if out.outcome in ("inserted", "duplicate"):
-                results.append(AppendResult(id=out.id, outcome=out.outcome, js_seq=js_seq,
-                                            stream=out.stream, seq=out.seq,
-                                            position=out.position))
-                continue
-            err = error_for_code(out.code or "rejected", out.reason or "rejected")
-            if isinstance(err, ExpectedSeqMismatch):
-                err.actual_seq = out.actual_seq
-            if hasattr(err, "event_id"):
-                err.event_id = out.id or None
-            raise err
-        return results
-
-    async def _outcome_by_query(
-        self, tenant: str, events: list[Event], js_seq: int
-    ) -> list[AppendResult]:
-        """No notice came: decide the outcome from what the ledger holds under each id."""
-        results = []
-        for event in events:
-            try:
-                stored = await self.get(event.id, tenant=tenant)
-            except (NotFound, TransportError):
-                # JetStream stored it (js_seq): never report that as "unavailable".
-                raise LedgerTimeout(
-                    f"no outcome for event {event.id!r} (in JetStream at seq {js_seq}) and it "
-                    "is not stored yet: the worker is behind or not running, or it rejected "
-                    "the event (see `jetledger rejections`)"
-                ) from None
-            if stored.js_seq == js_seq:
-                outcome: Literal["inserted", "duplicate"] = "inserted"
-            elif _same_content(event, stored):
-                outcome = "duplicate"  # an earlier copy of this event was stored
+            err = InternalError(f"malformed outcome notice from the worker: {exc}")
+            return [copy.copy(err) if w else a for w, a in zip(waits, accepted, strict=True)]
+        if len(outcomes) != len(events):
+            if len(outcomes) == 1 and outcomes[0].outcome not in ("inserted", "duplicate"):
+                outcomes = [outcomes[0]] * len(events)  # the message was rejected whole
             else:
-                raise ConflictError(
-                    f"event id {event.id!r} is already stored with different content "
-                    f"(at position {stored.position}); the original stays",
-                    event_id=event.id)
-            results.append(AppendResult(id=event.id, outcome=outcome, js_seq=js_seq,
-                                        stream=stored.stream, seq=stored.seq,
-                                        position=stored.position))
-        return results
+                err = InternalError(f"the worker's notice has {len(outcomes)} outcomes for "
+                                    f"{len(events)} events")
+                return [copy.copy(err) if w else a
+                        for w, a in zip(waits, accepted, strict=True)]
+        return [_result(out, js_seq) if w else a
+                for out, w, a in zip(outcomes, waits, accepted, strict=True)]
+
+    async def _outcome_by_query(self, tenant: str, event: Event, js_seq: int) -> _Result:
+        """No notice came: decide the outcome from what the ledger holds under the id."""
+        try:
+            stored = await self.get(event.id, tenant=tenant)
+        except (NotFound, TransportError):
+            # JetStream stored it (js_seq): never report that as "unavailable".
+            return LedgerTimeout(
+                f"no outcome for event {event.id!r} (in JetStream at seq {js_seq}) and it "
+                "is not stored yet: the worker is behind or not running, or it rejected "
+                "the event (see `jetledger rejections`)"
+            )
+        if stored.js_seq == js_seq:
+            outcome: Literal["inserted", "duplicate"] = "inserted"
+        elif _same_content(event, stored):
+            outcome = "duplicate"  # an earlier copy of this event was stored
+        else:
+            return ConflictError(
+                f"event id {event.id!r} is already stored with different content "
+                f"(at position {stored.position}); the original stays",
+                event_id=event.id)
+        return AppendResult(id=event.id, outcome=outcome, js_seq=js_seq,
+                            stream=stored.stream, seq=stored.seq, position=stored.position)
 
     # --- queries ---------------------------------------------------------------------
 
@@ -535,6 +801,19 @@ def _error_reply(data: bytes, headers: dict[str, str], ct: str) -> Exception:
     except (msgspec.ValidationError, msgspec.DecodeError):
         return error_for_code("internal", headers.get("Nats-Service-Error", "unknown error"))
     return error_for_code(err.code, err.message)
+
+
+def _result(out: Outcome, js_seq: int) -> _Result:
+    """One event's outcome from a notice, as its append's result or its error."""
+    if out.outcome in ("inserted", "duplicate"):
+        return AppendResult(id=out.id, outcome=out.outcome, js_seq=js_seq, stream=out.stream,
+                            seq=out.seq, position=out.position)
+    err = error_for_code(out.code or "rejected", out.reason or "rejected")
+    if isinstance(err, ExpectedSeqMismatch):
+        err.actual_seq = out.actual_seq
+    if hasattr(err, "event_id"):
+        err.event_id = out.id or None
+    return err
 
 
 def _same_content(event: Event, stored: StoredEvent) -> bool:
