@@ -260,3 +260,50 @@ async def test_append_batch_stays_atomic_with_coalescing_on(
         await asyncio.sleep(0.5)
     assert check_ledger(worker.db_path).events == 1
     assert query(worker.db_path, "SELECT item FROM rejections") == [(0,)]
+
+
+async def test_a_bundle_over_the_streams_max_msg_size_is_sent_again_in_halves(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    """The stream's max_msg_size (an operator's setting the client cannot see) refuses a
+    bundle definitely, so nothing of it is stored: the client sends it again in halves, and
+    each append still gets its own result."""
+    from harness import admin_connect
+
+    from jetledger.worker.jetstream import stream_config
+
+    admin = await admin_connect(worker.url)
+    try:
+        await admin.jetstream().update_stream(stream_config(worker.cfg, max_msg_size=2048))
+    finally:
+        await admin.close()
+    events = [_ev(data={"i": i, "pad": "x" * 500}) for i in range(9)]
+    results = await _together(*(ledger.append(e, wait=True) for e in events))
+    assert all(isinstance(r, AppendResult) and r.outcome == "inserted" for r in results), \
+        results
+    assert sorted(r.seq for r in results if isinstance(r, AppendResult)) == list(range(1, 10))
+    assert 2 < len({r.js_seq for r in results if isinstance(r, AppendResult)}) < 9
+    assert check_ledger(worker.db_path).events == 9
+
+
+async def test_without_a_notice_each_waiting_append_of_a_bundle_is_decided_from_the_ledger(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    """The worker notifies only reply inboxes (`_INBOX…`): on another inbox prefix no notice
+    comes, and each waiting member of the bundle asks the ledger for its own event."""
+    original = _ev(data={"v": 1})
+    await ledger.append(original, wait=True)
+    async with await LedgerClient.connect(worker.url, tenant="acme", inbox_prefix="NOBOX",
+                                          timeout=1.5) as client:
+        _, a, clash, accepted, b = await _together(
+            client.append(_ev("x"), wait=True),
+            client.append(_ev(), wait=True),
+            client.append(msgspec.structs.replace(original, data={"v": 2}), wait=True),
+            client.append(_ev()),
+            client.append(_ev(), wait=True),
+        )
+    assert isinstance(a, AppendResult) and isinstance(b, AppendResult)
+    assert (a.outcome, a.seq, b.outcome, b.seq) == ("inserted", 2, "inserted", 4)
+    assert isinstance(clash, ConflictError) and clash.event_id == original.id
+    assert isinstance(accepted, AppendResult) and accepted.outcome == "accepted"
+    assert a.js_seq == b.js_seq == accepted.js_seq
