@@ -275,6 +275,7 @@ class PublishJob:
     window: int = PIPELINE_WINDOW
     batch: int = 1  # >1: append_batch of this many events of one tenant per message
     raw: bool = False  # bypass LedgerClient: nats-py publish_async of the same bytes
+    coalesce: bool = True  # LedgerClient's default; False: one message per append
 
 
 def child_publish(job: PublishJob) -> dict[str, Any]:
@@ -301,7 +302,8 @@ def _tenant_batches(events: list[Any], size: int) -> list[list[Any]]:
 async def _publish(job: PublishJob, events: list[Any]) -> dict[str, Any]:
     from jetledger.client import LedgerClient
 
-    client = await LedgerClient.connect(job.url, prefix=job.prefix, timeout=30.0)
+    client = await LedgerClient.connect(job.url, prefix=job.prefix, timeout=30.0,
+                                        coalesce=job.coalesce)
     errors: Counter[str] = Counter()
     units: list[Any] = events if job.batch <= 1 else _tenant_batches(events, job.batch)
     it = iter(units)
@@ -997,13 +999,14 @@ class Bench:
                             WorkerConfig(nats_url=self.url, prefix=prefix, stream_name=stream))
 
     async def publish(self, prefix: str, seed: int, n: int, *, batch: int = 1,
-                      raw: bool = False) -> tuple[float, float, dict[str, int]]:
+                      raw: bool = False,
+                      coalesce: bool = True) -> tuple[float, float, dict[str, int]]:
         """Run the producers (child processes); (first publish, last PubAck, errors)."""
         shares = [n // self.producers + (1 if i < n % self.producers else 0)
                   for i in range(self.producers)]
         outs = await asyncio.gather(*(
             self.child(child_publish, PublishJob(self.url, prefix, seed * 100 + i, k,
-                                                batch=batch, raw=raw))
+                                                batch=batch, raw=raw, coalesce=coalesce))
             for i, k in enumerate(shares) if k))
         errors: Counter[str] = Counter()
         for o in outs:
@@ -1097,12 +1100,13 @@ class Bench:
 
     async def ingest_run(self, prefix: str, seed: int, n: int, counter: CommitCounter,
                          alongside: Awaitable[Any] | None = None,
-                         batch: int = 1) -> tuple[float, Any]:
+                         batch: int = 1, coalesce: bool = True) -> tuple[float, Any]:
         """Publish n events and wait until all are committed; events/s first publish -> last
         commit, and the result of `alongside` (a concurrent load) if given."""
         base = counter.count
         timeout = max(120.0, n / 500)
-        pub = asyncio.ensure_future(self.publish(prefix, seed, n, batch=batch))
+        pub = asyncio.ensure_future(self.publish(prefix, seed, n, batch=batch,
+                                                 coalesce=coalesce))
         other = asyncio.ensure_future(alongside) if alongside is not None else None
         t_first, _, errors = await pub
         self._check(errors, prefix)
@@ -1146,17 +1150,18 @@ class Bench:
 
     async def e2e(self) -> None:
         p = self.profile
-        for key, batch in (("e2e_eps", 1), ("e2e_batch_eps", E2E_BATCH)):
+        for key, batch, coalesce in (("e2e_eps", 1, True), ("e2e_single_eps", 1, False),
+                                     ("e2e_batch_eps", E2E_BATCH, True)):
             vals = []
             for rep in range(p.reps):
-                prefix = f"e2e{batch}x{rep}"
+                prefix = f"e2e{batch}{'c' if coalesce else 's'}x{rep}"
                 w = await self.worker(prefix, prefix, prefix.upper())
                 counter = CommitCounter(self.nc, prefix)
                 await counter.start()
                 spy = (self._py_spy(w, key) if rep == 0 and self.profile_dir is not None
                        else None)
                 rate, _ = await self.ingest_run(prefix, 3000 + rep, p.e2e_events, counter,
-                                                batch=batch)
+                                                batch=batch, coalesce=coalesce)
                 if spy is not None:
                     await self._py_spy_done(spy, key, counter.count)
                 vals.append(rate)
@@ -1468,6 +1473,7 @@ ROW_LABELS = (
     "FastStream pull batch + aiosqlite",
     "naive worker (fetch 1, insert, commit, ack)",
     "jetledger end to end",
+    "jetledger end to end, coalescing off",
     "jetledger end to end, append_batch(100)",
     "worker drain of a backlog",
     "latency p50/p99 @ 1k/s",
@@ -1514,6 +1520,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
     return {
         "e2e_over_bus_ceiling": div(m("e2e_eps"), m("bus_ceiling_eps")),
         "e2e_batch_over_bus_ceiling": div(m("e2e_batch_eps"), m("bus_ceiling_eps")),
+        "e2e_over_coalescing_off": div(m("e2e_eps"), m("e2e_single_eps")),
         "e2e_over_naive": div(m("e2e_eps"), m("naive_eps")),
         "storage_over_eventsourcing": div(m("storage_raw_eps"), m("eventsourcing_eps")),
         "writer_over_eventsourcing": div(m("storage_writer_eps"), m("eventsourcing_eps")),
@@ -1550,7 +1557,8 @@ def render(r: dict[str, Any]) -> str:
     eps("eventsourcing SQLite recorder (worker's batch)", "eventsourcing_eps")
     eps("FastStream pull batch + aiosqlite", "faststream_eps")
     eps("naive worker (fetch 1, insert, commit, ack)", "naive_eps")
-    eps("jetledger end to end", "e2e_eps")
+    eps("jetledger end to end", "e2e_eps", "appends coalesced into bundles (the default)")
+    eps("jetledger end to end, coalescing off", "e2e_single_eps", "one message per append")
     eps("jetledger end to end, append_batch(100)", "e2e_batch_eps")
     mem = r.get("memory", {})
     rows.append(("worker drain of a backlog", _fmt(mem.get("drain_eps"), "events/s"),

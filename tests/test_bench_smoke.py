@@ -26,6 +26,7 @@ ROWS = (
     "FastStream pull batch + aiosqlite",
     "naive worker (fetch 1, insert, commit, ack)",
     "jetledger end to end",
+    "jetledger end to end, coalescing off",
     "jetledger end to end, append_batch(100)",
     "worker drain of a backlog",
     "latency p50/p99 @ 1k/s",
@@ -51,13 +52,13 @@ MACHINE_KEYS = {"cpu_model", "cores", "python", "sqlite", "nats_py", "loadavg_st
 RESULT_KEYS = {
     "micro", "publish_only_eps", "publish_raw_eps", "bus_ceiling_eps", "naive_eps",
     "faststream_eps", "storage_raw_eps", "storage_writer_eps", "eventsourcing_eps", "e2e_eps",
-    "e2e_batch_eps", "latency", "ledger_build", "query_windows_s", "queries",
+    "e2e_single_eps", "e2e_batch_eps", "latency", "ledger_build", "query_windows_s", "queries",
     "growth_n_eps", "growth_n_events", "ingest_under_queries_eps", "growth_long_eps",
     "growth_backlog", "growth_drain_0_eps", "growth_drain_n_eps", "growth_drain_n_stored",
     "memory", "query_plan", "ratios",
 }
 RATIO_KEYS = {
-    "e2e_over_bus_ceiling", "e2e_batch_over_bus_ceiling", "e2e_over_naive",
+    "e2e_over_bus_ceiling", "e2e_batch_over_bus_ceiling", "e2e_over_coalescing_off", "e2e_over_naive",
     "storage_over_eventsourcing", "writer_over_eventsourcing", "writer_over_storage_ceiling",
     "e2e_over_publish_only", "publish_only_over_raw", "bus_ceiling_over_publish_raw",
     "growth_n_over_0", "growth_long_over_0", "ingest_c32_queries_over_alone",
