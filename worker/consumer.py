@@ -45,7 +45,7 @@ from jetledger.schemas.errors import InternalError, InvalidToken
 from .config import WorkerConfig
 from .faults import commit_delay, crash_point
 from .ingest import Decoded, decode_message, peek_event_id
-from .jetstream import ensure_consumer
+from .jetstream import BatchPuller, ensure_consumer
 from .writer import LedgerWriter, is_transient
 
 __all__ = ["ACK_CONFIRM_TIMEOUT", "POISON_ATTEMPTS", "IngestStats", "Ingestor"]
@@ -132,6 +132,16 @@ class Ingestor:
             self._cfg.consumer_name, self._cfg.stream_name
         )
 
+    async def _open_puller(self) -> BatchPuller:
+        # `_subscribe` stays the step that establishes the consumer (the app overrides it to
+        # bind without provisioning); its subscription is not used to receive: BatchPuller is.
+        sub = await self._subscribe()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        puller = BatchPuller(self._nc, self._cfg.stream_name, self._cfg.consumer_name)
+        await puller.start()
+        return puller
+
     async def run(self, stop: asyncio.Event) -> None:
         # Retried like any later re-subscription: a server that is restarting or frozen
         # right now must not end the worker before it has consumed anything.
@@ -161,9 +171,6 @@ class Ingestor:
                 task, self._ahead = self._ahead, None
                 try:
                     batch = await task
-                except TimeoutError:  # nats-py raises its own or asyncio's: an empty batch
-                    await self._maybe_record_floor()
-                    continue
                 except ConnectionClosedError:
                     raise  # closed for good (reconnects are unlimited): let a supervisor act
                 except (APIError, NoRespondersError) as exc:
@@ -181,6 +188,7 @@ class Ingestor:
                     await self._nak(batch.msgs)  # fetched across a reconnect: dropped (above)
                     continue
                 if not batch.msgs:
+                    await self._maybe_record_floor()
                     continue
                 if not stop.is_set():
                     # Stopping: the batch in hand is the last, as with a sequential loop.
@@ -191,8 +199,7 @@ class Ingestor:
         finally:
             await self._drop_ahead()
             log.info("ingest stats: %s", self.stats.line())
-            with contextlib.suppress(Exception):  # closing on the way out
-                await sub.unsubscribe()
+            await self._nak(await sub.close())
 
     async def _handle(self, batch: _Batch, stop: asyncio.Event) -> None:
         msgs = batch.msgs
@@ -206,10 +213,10 @@ class Ingestor:
         await self._notify(msgs, outcomes)
         await self._maybe_record_floor()
 
-    def _fetch_ahead(self, sub: JetStreamContext.PullSubscription) -> asyncio.Task[_Batch]:
+    def _fetch_ahead(self, sub: BatchPuller) -> asyncio.Task[_Batch]:
         return asyncio.create_task(self._fetch(sub))
 
-    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> _Batch:
+    async def _fetch(self, sub: BatchPuller) -> _Batch:
         msgs = await sub.fetch(self._cfg.batch_size, timeout=self._cfg.fetch_timeout)
         batch = _Batch(msgs)
         for i, msg in enumerate(msgs, 1):
@@ -246,20 +253,17 @@ class Ingestor:
             for msg in msgs:
                 await msg.nak()
 
-    async def _replace(
-        self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
-    ) -> JetStreamContext.PullSubscription:
+    async def _replace(self, sub: BatchPuller, stop: asyncio.Event) -> BatchPuller:
         await _sleep(stop, 0.5)
-        with contextlib.suppress(Exception):  # the old subscription may already be gone
-            await sub.unsubscribe()
+        await self._nak(await sub.close())
         self.stats.resubscribes += 1
         return await self._resubscribe(stop)
 
-    async def _resubscribe(self, stop: asyncio.Event) -> JetStreamContext.PullSubscription:
+    async def _resubscribe(self, stop: asyncio.Event) -> BatchPuller:
         delay = 0.5
         while True:
             try:
-                return await self._subscribe()
+                return await self._open_puller()
             except ConnectionClosedError:
                 raise
             except (NatsError, TimeoutError) as exc:  # includes APIError, NoRespondersError

@@ -8,12 +8,21 @@ The consumer is only a cursor: the ledger file is the truth about what is stored
 the worker re-creates the consumer from the consumer's ack floor (or, if it is gone, from the
 floor recorded in the ledger) so a crashed batch is redelivered at once and in order, instead
 of after AckWait and behind newer events.
+
+`BatchPuller` receives the consumer's messages; it replaces nats-py's `PullSubscription.fetch`,
+which costs a task, a `wait_for` and a uuid per message (the worker's largest per-event cost).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -25,11 +34,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from .config import WorkerConfig
 
-__all__ = ["consumer_config", "ensure_consumer", "ensure_stream", "stream_config"]
+__all__ = ["BatchPuller", "consumer_config", "ensure_consumer", "ensure_stream",
+           "stream_config"]
 
 log = logging.getLogger("jetledger.worker")
 
@@ -131,3 +141,115 @@ async def ensure_consumer(
         log.info("creating consumer %s from sequence %d", cfg.consumer_name, start)
     await js.add_consumer(cfg.stream_name, consumer_config(cfg, start))
     return start
+
+
+#: Pull request statuses that end a request without an error: no messages (404), expired
+#: (408, also "requests pending"), and 409 (consumer deleted, leadership change, max waiting):
+#: nats-py treats 409 as temporary too; a deleted consumer then fails the next request.
+_END_STATUSES = frozenset({"404", "408", "409"})
+_HEARTBEAT = "100"
+#: A pull request expires this much before the caller stops waiting, as nats-py does, so the
+#: server ends it (408) rather than leaving it to capture later messages.
+_EXPIRES_MARGIN_NS = 100_000
+_MIN_EXPIRES_NS = 1_000_000
+
+
+class BatchPuller:
+    """Fetch batches from a durable pull consumer: one subscription on a private inbox whose
+    callback appends deliveries to a list, one pull request and one future per batch.
+
+    A request is "no_wait" with an expiry: the server delivers what is pending at once (up to
+    the batch) and ends with 404, or waits for the first message and sends what there is then,
+    or ends with 408 at expiry; so a batch is returned as soon as anything is there. Status
+    messages carry no reply subject while every delivery has its `$JS.ACK` one: that, not a
+    `Status` header (a producer can set one on its event), tells them apart. Statuses of an
+    earlier request (one the caller stopped waiting for) are ignored; its deliveries are
+    kept, in order, for the next fetch. Needs publish on the consumer's MSG.NEXT subject and
+    subscribe on the connection's inbox prefix only.
+    """
+
+    def __init__(self, nc: NATS, stream: str, consumer: str) -> None:
+        self._nc = nc
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._msgs: list[Msg] = []
+        self._want = 0
+        self._reply = ""  # reply subject of the request being waited for
+        self._ended = True  # the server ended that request
+        self._waiter: asyncio.Future[None] | None = None
+        self._requests = 0
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+
+    async def close(self) -> list[Msg]:
+        """Unsubscribe; returns deliveries received but never fetched (in order)."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):  # the connection may be gone
+                await self._sub.unsubscribe()
+            self._sub = None
+        left, self._msgs = self._msgs, []
+        return left
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to `batch` messages; [] if none came within `timeout`. Raises `APIError` when
+        the consumer is gone (503)."""
+        if not self._msgs:
+            await self._request(batch, timeout)
+        out, self._msgs = self._msgs[:batch], self._msgs[batch:]
+        return out
+
+    async def _request(self, batch: int, timeout: float) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        self._want = batch
+        self._requests += 1
+        self._reply = f"{self._inbox}.{self._requests}"
+        self._ended = False
+        expires = max(int(timeout * 1e9) - _EXPIRES_MARGIN_NS, _MIN_EXPIRES_NS)
+        body = json.dumps({"batch": batch, "expires": expires, "no_wait": True}).encode()
+        try:
+            await self._nc.publish(self._subject, body, reply=self._reply)
+            # Not wait_for: a timeout must not cancel the future the callback resolves.
+            await asyncio.wait([waiter], timeout=timeout)
+        finally:
+            self._waiter = None
+        if waiter.done() and (error := waiter.exception()) is not None:
+            raise error
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if msg.reply:  # a delivery
+            self._msgs.append(msg)
+            if len(self._msgs) >= self._want or self._ended:
+                self._wake(None)
+            return
+        if msg.subject != self._reply:
+            return  # a status ending an earlier request
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == _HEARTBEAT:
+            return
+        self._ended = True
+        if status in _END_STATUSES:
+            # With nothing received, wait on to the caller's timeout: deliveries of an
+            # earlier request may still come, and an immediate retry could spin.
+            if self._msgs:
+                self._wake(None)
+            return
+        self._wake(None if self._msgs else _api_error(msg))
+
+    def _wake(self, error: Exception | None) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+
+def _api_error(msg: Msg) -> APIError:
+    try:
+        APIError.from_msg(msg)
+    except APIError as exc:
+        return exc
+    return APIError()  # not reached: from_msg always raises

@@ -1,0 +1,163 @@
+"""The worker's receive path and pipeline: the next batch is fetched while one commits, yet
+batches commit in JetStream order; `BatchPuller` returns what is pending at once, waits for
+the first message when nothing is, ends empty at its timeout, reports a deleted consumer, and
+tells a delivery from a status message by its reply subject, so a producer's own `Status`
+header can neither hide an event nor stall the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import nats
+import pytest
+from harness import CONSUMER, STREAM, make_event, provision, query
+from nats.js.errors import APIError
+
+from jetledger.schemas import CONTENT_TYPE, MSGPACK, Subjects, encode
+from jetledger.worker.config import WorkerConfig
+from jetledger.worker.consumer import Ingestor
+from jetledger.worker.jetstream import BatchPuller, consumer_config
+from jetledger.worker.natsserver import NatsServer
+from jetledger.worker.writer import LedgerWriter
+
+SUBJECTS = Subjects("jetledger")
+
+
+async def _publish(js: object, first: int, n: int,
+                   headers: dict[str, str] | None = None) -> None:
+    for i in range(first, first + n):
+        event = make_event(i)
+        await js.publish(SUBJECTS.event(event.tenant, event.kind), encode(event),  # type: ignore[attr-defined]
+                         headers={CONTENT_TYPE: MSGPACK, **(headers or {})})
+
+
+async def _run_worker(url: str, tmp_path: Path, n: int, batch_size: int) -> IngestorRun:
+    run = IngestorRun(url, tmp_path, batch_size)
+    await run.start()
+    await run.wait_for(n)
+    await run.stop()
+    return run
+
+
+class IngestorRun:
+    """An Ingestor in this process on a real server and a real ledger file."""
+
+    def __init__(self, url: str, tmp_path: Path, batch_size: int) -> None:
+        self.url = url
+        self.cfg = WorkerConfig(nats_url=url, data_dir=tmp_path / "ledger",
+                                batch_size=batch_size, fetch_timeout=0.5)
+
+    async def start(self) -> None:
+        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.nc = await nats.connect(self.url)
+        self.writer = await LedgerWriter.open(self.cfg.db_path, js_stream=STREAM)
+        self.ingestor = Ingestor(self.nc, self.nc.jetstream(), self.writer, self.cfg)
+        self.stop_event = asyncio.Event()
+        self.task = asyncio.create_task(self.ingestor.run(self.stop_event))
+
+    async def wait_for(self, n: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.ingestor.stats.messages < n:
+            assert not self.task.done(), self.task.exception()
+            assert time.monotonic() < deadline, self.ingestor.stats.line()
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, 10)
+        await self.writer.close()
+        await self.nc.close()
+
+
+async def test_batches_fetched_ahead_commit_in_jetstream_order(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await provision(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    await _publish(nc.jetstream(), 0, 1000)
+    await nc.close()
+
+    run = await _run_worker(nats_server.url, tmp_path, 1000, batch_size=37)
+
+    rows = query(run.cfg.db_path, "SELECT js_seq FROM events ORDER BY position")
+    assert [r[0] for r in rows] == list(range(1, 1001))
+    assert run.ingestor.stats.batches >= 1000 // 37
+
+
+async def test_a_producer_set_status_header_is_an_ordinary_event(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await provision(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await _publish(js, 0, 1)
+    await _publish(js, 1, 1, headers={"Status": "503"})
+    await _publish(js, 2, 1, headers={"Status": "404", "Description": "No Messages"})
+    await _publish(js, 3, 1)
+    await nc.close()
+
+    run = await _run_worker(nats_server.url, tmp_path, 4, batch_size=10)
+
+    assert query(run.cfg.db_path, "SELECT count(*) FROM events") == [(4,)]
+    assert run.ingestor.stats.resubscribes == 0
+
+
+async def _puller(url: str) -> tuple[nats.NATS, BatchPuller]:
+    await provision(url)
+    nc = await nats.connect(url)
+    await nc.jetstream().add_consumer(STREAM, consumer_config(WorkerConfig(), 1))
+    puller = BatchPuller(nc, STREAM, CONSUMER)
+    await puller.start()
+    return nc, puller
+
+
+async def test_puller_returns_pending_messages_at_once_and_keeps_order(
+    nats_server: NatsServer
+) -> None:
+    nc, puller = await _puller(nats_server.url)
+    await _publish(nc.jetstream(), 0, 25)
+
+    t0 = time.monotonic()
+    first = await puller.fetch(10, timeout=5)
+    rest = await puller.fetch(100, timeout=5)
+    elapsed = time.monotonic() - t0
+
+    seqs = [m.metadata.sequence.stream for m in first + rest]
+    assert seqs == list(range(1, 26))
+    assert elapsed < 2, "a partly filled batch must not wait for the timeout"
+    await nc.close()
+
+
+async def test_puller_waits_for_the_first_message_and_ends_empty_when_idle(
+    nats_server: NatsServer
+) -> None:
+    nc, puller = await _puller(nats_server.url)
+
+    t0 = time.monotonic()
+    assert await puller.fetch(100, timeout=0.5) == []
+    assert 0.4 < time.monotonic() - t0 < 3
+
+    async def publish_later() -> None:
+        await asyncio.sleep(0.3)
+        await _publish(nc.jetstream(), 0, 3)
+
+    later = asyncio.create_task(publish_later())
+    t0 = time.monotonic()
+    got = await puller.fetch(100, timeout=5)
+    await later
+    assert got and time.monotonic() - t0 < 3
+    while len(got) < 3:
+        got += await puller.fetch(100, timeout=1)
+    assert [m.metadata.sequence.stream for m in got] == [1, 2, 3]
+    await nc.close()
+
+
+async def test_puller_reports_a_deleted_consumer(nats_server: NatsServer) -> None:
+    nc, puller = await _puller(nats_server.url)
+    await nc.jetstream().delete_consumer(STREAM, CONSUMER)
+
+    with pytest.raises(APIError):
+        await puller.fetch(10, timeout=2)
+    await nc.close()
