@@ -13,6 +13,7 @@ from pathlib import Path
 import nats
 import pytest
 from harness import CONSUMER, STREAM, make_event, provision, query
+from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from jetledger.schemas import CONTENT_TYPE, MSGPACK, Subjects, encode
@@ -25,11 +26,11 @@ from jetledger.worker.writer import LedgerWriter
 SUBJECTS = Subjects("jetledger")
 
 
-async def _publish(js: object, first: int, n: int,
+async def _publish(js: JetStreamContext, first: int, n: int,
                    headers: dict[str, str] | None = None) -> None:
     for i in range(first, first + n):
         event = make_event(i)
-        await js.publish(SUBJECTS.event(event.tenant, event.kind), encode(event),  # type: ignore[attr-defined]
+        await js.publish(SUBJECTS.event(event.tenant, event.kind), encode(event),
                          headers={CONTENT_TYPE: MSGPACK, **(headers or {})})
 
 
