@@ -34,6 +34,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.js.client import DEFAULT_JS_SUB_PENDING_BYTES_LIMIT, DEFAULT_JS_SUB_PENDING_MSGS_LIMIT
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from .config import WorkerConfig
@@ -181,7 +182,11 @@ class BatchPuller:
         self._requests = 0
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        # nats-py's limits for pull subscriptions: past them it drops messages (slow consumer).
+        self._sub = await self._nc.subscribe(
+            f"{self._inbox}.*", cb=self._on_msg,
+            pending_msgs_limit=DEFAULT_JS_SUB_PENDING_MSGS_LIMIT,
+            pending_bytes_limit=DEFAULT_JS_SUB_PENDING_BYTES_LIMIT)
 
     async def close(self) -> list[Msg]:
         """Unsubscribe; returns deliveries received but never fetched (in order)."""
