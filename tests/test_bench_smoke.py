@@ -19,7 +19,7 @@ BENCH = Path(__file__).with_name("bench.py")
 ROWS = (
     "bus ceiling (fetch+ack, no storage)",
     "publish ceiling (raw publish_async)",
-    "publish only (LedgerClient, pipelined)",
+    "publish only (LedgerClient, one message per append)",
     "storage ceiling (raw sqlite3, worker's batch)",
     "LedgerWriter.commit (pre-decoded, worker's batch)",
     "eventsourcing SQLite recorder (worker's batch)",
@@ -60,7 +60,7 @@ RESULT_KEYS = {
 RATIO_KEYS = {
     "e2e_over_bus_ceiling", "e2e_batch_over_bus_ceiling", "e2e_over_coalescing_off", "e2e_over_naive",
     "storage_over_eventsourcing", "writer_over_eventsourcing", "writer_over_storage_ceiling",
-    "e2e_over_publish_only", "publish_only_over_raw", "bus_ceiling_over_publish_raw",
+    "e2e_coalescing_off_over_publish_only", "publish_only_over_raw", "bus_ceiling_over_publish_raw",
     "growth_n_over_0", "growth_long_over_0", "ingest_c32_queries_over_alone",
     "ingest_c1_queries_over_alone",
 }
