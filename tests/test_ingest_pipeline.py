@@ -1,8 +1,7 @@
-"""The worker's receive path and pipeline: the next batch is fetched while one commits, yet
-batches commit in JetStream order; `BatchPuller` returns what is pending at once, waits for
-the first message when nothing is, ends empty at its timeout, reports a deleted consumer, and
-tells a delivery from a status message by its reply subject, so a producer's own `Status`
-header can neither hide an event nor stall the ledger."""
+"""The worker's receive path: batches commit in JetStream order; `BatchPuller` returns what is
+pending at once, waits for the first message when nothing is, ends empty at its timeout,
+reports a deleted consumer, and tells a delivery from a status message by its reply subject,
+so a producer's own `Status` header can neither hide an event nor stall the ledger."""
 
 from __future__ import annotations
 
@@ -72,7 +71,7 @@ class IngestorRun:
         await self.nc.close()
 
 
-async def test_batches_fetched_ahead_commit_in_jetstream_order(
+async def test_small_batches_commit_in_jetstream_order(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     await provision(nats_server.url)

@@ -1,9 +1,8 @@
 """The ingest loop: fetch a batch, commit it in one transaction, then ack it, then notify.
 
-The next batch is fetched and decoded while one commits (SQLite works in aiosqlite's thread,
-NATS on the event loop, so the two overlap); batches are still committed one at a time, in
-JetStream order, and a fetched batch is dropped, never committed, if the connection or the
-consumer was re-established after it was fetched: the new consumer delivers it again.
+Sequential on purpose: fetching the next batch while one commits (in aiosqlite's thread) was
+measured 0.86x as fast on 2 cores shared with nats-server (no idle core to overlap on; more GIL
+hand-offs), so batches are fetched, committed and acked one at a time.
 
 Never ack before commit. A batch the database refuses (locked, full, read-only, I/O) is held,
 not nak'd: it is retried in place with a growing delay (extending AckWait meanwhile), so
@@ -29,7 +28,6 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from nats.aio.client import Client as NATS
@@ -59,9 +57,6 @@ POISON_ATTEMPTS = 3
 #: after the next reconnect (and a redelivery would be a no-op anyway). Short, so an
 #: unresponsive server never stalls ingest for long.
 ACK_CONFIRM_TIMEOUT = 2.0
-#: Messages decoded ahead between yields to the event loop, so that decoding the next batch
-#: does not leave the commit in progress (in aiosqlite's thread) waiting for its next statement.
-_DECODE_SLICE = 100
 
 
 class IngestStats:
@@ -97,15 +92,6 @@ class IngestStats:
                 setattr(self, out.outcome, getattr(self, out.outcome) + 1)
 
 
-@dataclass(slots=True)
-class _Batch:
-    """Fetched messages, and those already decoded by stream sequence (a message whose
-    decode raised is not there: it is decoded again inside the retry, to be isolated)."""
-
-    msgs: list[Msg]
-    decoded: dict[int, Decoded] = field(default_factory=dict)
-
-
 class _Stopped(Exception):
     """Asked to stop while waiting out a fault (database or NATS): leave the batch unacked."""
 
@@ -122,8 +108,6 @@ class Ingestor:
         self.stats = IngestStats()
         self._next_floor_at = 0.0
         self._unconfirmed: list[Msg] = []  # committed, acks not confirmed by the server
-        self._ahead: asyncio.Task[_Batch] | None = None  # the next batch, fetched meanwhile
-        self._decoded: dict[int, Decoded] = {}  # of the batch being committed
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
         last, floor = await self._writer.ingest_state()
@@ -151,26 +135,19 @@ class Ingestor:
             return
         reconnects = self._nc.stats["reconnects"]
         try:
-            while True:
+            while not stop.is_set():
                 if self._nc.stats["reconnects"] != reconnects:
                     # Deliveries in flight when the connection dropped may never have reached
                     # us; left alone they would come back only after AckWait, behind newer
                     # events (out of JetStream order). Re-establish the consumer from its ack
-                    # floor, as at start, so they come back now and in order; a batch fetched
-                    # before that is dropped, as it will be delivered again.
+                    # floor, as at start, so they come back now and in order.
                     reconnects = self._nc.stats["reconnects"]
                     log.info("reconnected to NATS: re-establishing the consumer")
                     await self._reack()
-                    await self._drop_ahead()
                     sub = await self._replace(sub, stop)
                     continue
-                if self._ahead is None:
-                    if stop.is_set():
-                        break
-                    self._ahead = self._fetch_ahead(sub)
-                task, self._ahead = self._ahead, None
                 try:
-                    batch = await task
+                    msgs = await sub.fetch(self._cfg.batch_size, timeout=self._cfg.fetch_timeout)
                 except ConnectionClosedError:
                     raise  # closed for good (reconnects are unlimited): let a supervisor act
                 except (APIError, NoRespondersError) as exc:
@@ -184,71 +161,25 @@ class Ingestor:
                     log.warning("fetch failed (%s: %s); retrying", type(exc).__name__, exc)
                     await _sleep(stop, 0.5)
                     continue
-                if self._nc.stats["reconnects"] != reconnects:
-                    await self._nak(batch.msgs)  # fetched across a reconnect: dropped (above)
-                    continue
-                if not batch.msgs:
+                if not msgs:
                     await self._maybe_record_floor()
                     continue
-                if not stop.is_set():
-                    # Stopping: the batch in hand is the last, as with a sequential loop.
-                    self._ahead = self._fetch_ahead(sub)
-                await self._handle(batch, stop)
+                self.stats.redelivered += sum(
+                    1 for m in msgs if m.metadata.num_delivered > 1)
+                outcomes = await self._commit(msgs, stop)
+                await self._ack(msgs)
+                await self._notify(msgs, outcomes)
+                await self._maybe_record_floor()
         except _Stopped:
             pass  # stopping while the database refused or NATS was away: nothing acked
         finally:
-            await self._drop_ahead()
             log.info("ingest stats: %s", self.stats.line())
             await self._nak(await sub.close())
 
-    async def _handle(self, batch: _Batch, stop: asyncio.Event) -> None:
-        msgs = batch.msgs
-        self.stats.redelivered += sum(1 for m in msgs if m.metadata.num_delivered > 1)
-        self._decoded = batch.decoded
-        try:
-            outcomes = await self._commit(msgs, stop)
-        finally:
-            self._decoded = {}
-        await self._ack(msgs)
-        await self._notify(msgs, outcomes)
-        await self._maybe_record_floor()
-
-    def _fetch_ahead(self, sub: BatchPuller) -> asyncio.Task[_Batch]:
-        return asyncio.create_task(self._fetch(sub))
-
-    async def _fetch(self, sub: BatchPuller) -> _Batch:
-        msgs = await sub.fetch(self._cfg.batch_size, timeout=self._cfg.fetch_timeout)
-        batch = _Batch(msgs)
-        for i, msg in enumerate(msgs, 1):
-            try:
-                batch.decoded[msg.metadata.sequence.stream] = self._decode_message(msg)
-            except Exception:  # noqa: BLE001, S112 - decoded again inside the retry, isolated there
-                continue
-            if i % _DECODE_SLICE == 0:
-                await asyncio.sleep(0)  # let the commit in progress send its next statement
-        return batch
-
-    def _ahead_msgs(self) -> list[Msg]:
-        """The next batch if it has arrived (it must be kept alive while one is held)."""
-        task = self._ahead
-        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
-            return []
-        return task.result().msgs
-
-    async def _drop_ahead(self) -> None:
-        """Forget the next batch, fetched or not."""
-        task, self._ahead = self._ahead, None
-        if task is None:
-            return
-        task.cancel()  # too late if it has arrived; then its messages are nak'd below
-        await asyncio.wait([task])  # not `await task`: that would swallow our own cancel
-        if not task.cancelled() and task.exception() is None:
-            await self._nak(task.result().msgs)
-
     async def _nak(self, msgs: list[Msg]) -> None:
-        """Hand back fetched, uncommitted messages (best effort): nak'd messages are delivered
-        again before any newer one, so they come back at once and in order even where the
-        consumer is bound rather than re-created; unnak'd, they come back after AckWait."""
+        """Hand back messages received but never fetched (best effort): nak'd messages are
+        delivered again before any newer one, so they come back at once and in order even
+        where the consumer is bound rather than re-created; unnak'd, after AckWait."""
         with contextlib.suppress(Exception):  # the connection may be gone
             for msg in msgs:
                 await msg.nak()
@@ -325,10 +256,6 @@ class Ingestor:
         await self._nc.request(last.reply, b"", timeout=ACK_CONFIRM_TIMEOUT)
 
     def _decode(self, msg: Msg) -> Decoded:
-        done = self._decoded.get(msg.metadata.sequence.stream)
-        return done if done is not None else self._decode_message(msg)
-
-    def _decode_message(self, msg: Msg) -> Decoded:
         return decode_message(
             self._subjects, msg.subject, msg.data, msg.headers,
             msg.metadata.sequence.stream, strict=self._cfg.strict,
@@ -437,7 +364,7 @@ class Ingestor:
         """Extend AckWait of a held batch (best effort: if it lapses, the redelivery is a
         no-op once the batch is committed)."""
         try:
-            for msg in [*msgs, *self._ahead_msgs()]:
+            for msg in msgs:
                 await msg.in_progress()
         except ConnectionClosedError:
             raise
