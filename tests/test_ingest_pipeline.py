@@ -9,6 +9,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 from harness import CONSUMER, STREAM, make_event, provision, query
@@ -151,6 +152,35 @@ async def test_puller_waits_for_the_first_message_and_ends_empty_when_idle(
     while len(got) < 3:
         got += await puller.fetch(100, timeout=1)
     assert [m.metadata.sequence.stream for m in got] == [1, 2, 3]
+    await nc.close()
+
+
+async def test_puller_bounds_a_batch_by_bytes_and_returns_it_at_once(
+    nats_server: NatsServer
+) -> None:
+    """Messages can be bundles of up to max_payload: a batch is bounded in bytes too, and
+    a batch cut short by the byte bound comes back at once, the rest in the next ones."""
+    nc, puller = await _puller(nats_server.url)
+    js = nc.jetstream()
+    pad = "x" * (256 * 1024)
+    n = 40  # ~10 MiB: more than the smallest byte bound
+    for i in range(n):
+        event = msgspec.structs.replace(make_event(i), data={"pad": pad})
+        await js.publish(SUBJECTS.event(event.tenant, event.kind), encode(event),
+                         headers={CONTENT_TYPE: MSGPACK})
+
+    got: list[int] = []
+    t0 = time.monotonic()
+    first = await puller.fetch(1000, timeout=5)
+    assert time.monotonic() - t0 < 2, "a batch cut by the byte bound must not wait"
+    assert 0 < len(first) < n
+    assert sum(len(m.data) for m in first) <= 2 * nc.max_payload + 8 * 1024 * 1024
+    got += [m.metadata.sequence.stream for m in first]
+    while len(got) < n:
+        more = await puller.fetch(1000, timeout=5)
+        assert more, "the rest must follow"
+        got += [m.metadata.sequence.stream for m in more]
+    assert got == list(range(1, n + 1))
     await nc.close()
 
 

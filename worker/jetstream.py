@@ -153,6 +153,10 @@ _HEARTBEAT = "100"
 #: server ends it (408) rather than leaving it to capture later messages.
 _EXPIRES_MARGIN_NS = 100_000
 _MIN_EXPIRES_NS = 1_000_000
+#: Bytes one batch may carry. A message can be a bundle of up to ~1 MiB, so `batch_size`
+#: messages alone would not bound a batch (memory, transaction size). The bound must exceed
+#: the largest message (see `BatchPuller`), hence twice the server's max_payload at least.
+MIN_BATCH_BYTES = 8 * 1024 * 1024
 
 
 class BatchPuller:
@@ -167,10 +171,17 @@ class BatchPuller:
     earlier request (one the caller stopped waiting for) are ignored; its deliveries are
     kept, in order, for the next fetch. Needs publish on the consumer's MSG.NEXT subject and
     subscribe on the connection's inbox prefix only.
+
+    Each request also asks for at most `max_bytes`: the server ends it early with a 409
+    ("Message Size Exceeds MaxBytes") when the next message would not fit, and a message
+    larger than `max_bytes` would never be delivered at all, so it is kept above twice the
+    server's max_payload.
     """
 
-    def __init__(self, nc: NATS, stream: str, consumer: str) -> None:
+    def __init__(self, nc: NATS, stream: str, consumer: str,
+                 max_bytes: int = MIN_BATCH_BYTES) -> None:
         self._nc = nc
+        self._max_bytes = max(max_bytes, 2 * nc.max_payload + 64 * 1024)
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
@@ -212,7 +223,8 @@ class BatchPuller:
         self._reply = f"{self._inbox}.{self._requests}"
         self._ended = False
         expires = max(int(timeout * 1e9) - _EXPIRES_MARGIN_NS, _MIN_EXPIRES_NS)
-        body = json.dumps({"batch": batch, "expires": expires, "no_wait": True}).encode()
+        body = json.dumps({"batch": batch, "max_bytes": self._max_bytes, "expires": expires,
+                           "no_wait": True}).encode()
         try:
             await self._nc.publish(self._subject, body, reply=self._reply)
             # Not wait_for: a timeout must not cancel the future the callback resolves.
