@@ -61,6 +61,11 @@ async def _fill(ledger: LedgerClient, url: str) -> int:
         await js.publish("jetledger.evt.acme.step", b"\x00garbage")
         forged = new_event(tenant="globex", stream="s", kind="step", data={})
         await js.publish("jetledger.evt.acme.step", encode(forged))
+        # A valid event with a producer-set status header is an event like any other: it
+        # must not stall the rebuild (nor the worker) as if it were a status message.
+        spoof = new_event(tenant="acme", stream="s", kind="step", data={"status": True})
+        await js.publish("jetledger.evt.acme.step", encode(spoof),
+                         headers={"Status": "503", "Description": "No Responders"})
     finally:
         await nc.close()
     return 5  # conflict, expected_seq, partial batch, garbage, forged tenant
@@ -99,19 +104,19 @@ async def test_rebuilt_ledger_equals_the_original(
     messages = _table(original, STATE)[0][1]
     assert f"rebuild: {messages}/{messages} messages (100%)" in done.stderr
     assert done.stdout.startswith(f"rebuilt {output} from stream JETLEDGER sequences 1..")
-    assert "36 events inserted, 1 duplicate" in done.stdout
+    assert "37 events inserted, 1 duplicate" in done.stdout
 
     for sql in (EVENTS, STREAMS, REJECTIONS, STATE):
         assert _table(output, sql) == _table(original, sql), sql
     report = check_ledger(output)
-    assert (report.events, report.rejections) == (36, rejections)
+    assert (report.events, report.rejections) == (37, rejections)
 
     # Scripts get JSON; an existing output file is a usage error, left untouched.
     again = await asyncio.to_thread(_rebuild, worker.url, tmp_path / "r2.db", "--json", "-q")
     assert again.returncode == 0 and again.stderr == ""
     summary = json.loads(again.stdout)
     assert (summary["messages"], summary["inserted"], summary["duplicate"]) == (
-        messages, 36, 1)
+        messages, 37, 1)
     # Outcomes count per event: the refused half-stored batch is two conflicts.
     assert (summary["conflict"], summary["rejected"]) == (3, 3)
     before = output.read_bytes()

@@ -25,6 +25,7 @@ from nats.js.errors import APIError
 from .app import AdminDenied, PermissionWatch, connect_nats
 from .config import WorkerConfig
 from .ingest import decode_message
+from .jetstream import BatchPuller
 from .settings import add_setting_arguments, command_config
 from .writer import LedgerWriter
 
@@ -152,13 +153,13 @@ async def rebuild(cfg: WorkerConfig, output: Path, *, progress: bool = False) ->
                     name=name, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
                     inactive_threshold=60.0, mem_storage=True, num_replicas=1,
                     description="jetledger rebuild (ephemeral)")))
-                sub = await js.pull_subscribe_bind(name, cfg.stream_name)
+                # The worker's receive path: a producer-set `Status` header on an event
+                # cannot stall it (nats-py's fetch would take that event for a status).
+                puller = BatchPuller(nc, cfg.stream_name, name)
+                await puller.start()
                 seq, empty = 0, 0
                 while seq < last:
-                    try:
-                        msgs = await sub.fetch(cfg.batch_size, timeout=cfg.fetch_timeout)
-                    except TimeoutError:
-                        msgs = []
+                    msgs = await puller.fetch(cfg.batch_size, timeout=cfg.fetch_timeout)
                     if not msgs:
                         empty += 1
                         if empty >= _MAX_EMPTY_FETCHES:
@@ -179,7 +180,7 @@ async def rebuild(cfg: WorkerConfig, output: Path, *, progress: bool = False) ->
                     messages += len(batch)
                     if bar is not None:
                         bar.update(messages)
-                await sub.unsubscribe()
+                await puller.close()
                 await js.delete_consumer(cfg.stream_name, name)
             if bar is not None:
                 bar.update(messages, final=True)
