@@ -378,17 +378,23 @@ async def _consume(job: ConsumeJob) -> dict[str, Any]:
     got = 0
     try:
         if job.mode == "bus":
+            # As the worker receives: its BatchPuller, an explicit ack per message, and one
+            # ack-with-reply per batch to know the server has them all.
+            from jetledger.worker.jetstream import BatchPuller
+
+            puller = BatchPuller(nc, job.stream, job.consumer)
+            await puller.start()
             t0 = time.monotonic()
             while got < job.n:
-                try:
-                    msgs = await sub.fetch(cfg.batch_size, timeout=1.0)
-                except TimeoutError:
+                msgs = await puller.fetch(cfg.batch_size, timeout=1.0)
+                if not msgs:
                     continue
-                for msg in msgs:  # as the worker does: explicit ack per message, one flush
+                for msg in msgs:
                     await msg.ack()
-                await nc.flush()
+                await nc.request(msgs[-1].reply, b"", timeout=5)
                 got += len(msgs)
             seconds = time.monotonic() - t0
+            await puller.close()
         else:
             seconds, got = await _naive(sub, nc, job)
     finally:
