@@ -261,7 +261,7 @@ async def append_definitely(
 
     batch = isinstance(events, list)
     recs = [ledger.attempt(e) for e in (events if batch else [events])]
-    for rec in recs[1:]:
+    for _rec in recs[1:]:
         ledger.attempts -= 1  # a batch is one attempt
     while True:
         state = UNKNOWN
@@ -385,6 +385,15 @@ class StreamMessage:
     subject: str
     data: bytes
     headers: dict[str, str] | None
+
+
+async def stream_messages(url: str | Sequence[str], stream: str = STREAM) -> int:
+    """How many messages the JetStream stream holds."""
+    nc = await admin_connect(url)
+    try:
+        return int((await nc.jetstream().stream_info(stream)).state.messages)
+    finally:
+        await nc.close()
 
 
 async def read_stream(url: str | Sequence[str], stream: str = STREAM,

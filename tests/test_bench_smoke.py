@@ -58,9 +58,10 @@ RESULT_KEYS = {
     "memory", "query_plan", "ratios",
 }
 RATIO_KEYS = {
-    "e2e_over_bus_ceiling", "e2e_batch_over_bus_ceiling", "e2e_over_coalescing_off", "e2e_over_naive",
-    "storage_over_eventsourcing", "writer_over_eventsourcing", "writer_over_storage_ceiling",
-    "e2e_coalescing_off_over_publish_only", "publish_only_over_raw", "bus_ceiling_over_publish_raw",
+    "e2e_over_bus_ceiling", "e2e_batch_over_bus_ceiling", "e2e_over_coalescing_off",
+    "e2e_over_naive", "storage_over_eventsourcing", "writer_over_eventsourcing",
+    "writer_over_storage_ceiling", "e2e_coalescing_off_over_publish_only",
+    "publish_only_over_raw", "bus_ceiling_over_publish_raw",
     "growth_n_over_0", "growth_long_over_0", "ingest_c32_queries_over_alone",
     "ingest_c1_queries_over_alone",
 }

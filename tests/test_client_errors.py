@@ -9,6 +9,7 @@ import msgspec
 import nats
 import pytest
 from conftest import RunningWorker
+from harness import stream_messages
 
 from jetledger.client import (
     Event,
@@ -24,14 +25,6 @@ from jetledger.client import (
     new_event,
 )
 from jetledger.worker.natsserver import NatsServer
-
-
-async def _stream_messages(url: str) -> int:
-    nc = await nats.connect(url)
-    try:
-        return (await nc.jetstream().stream_info("JETLEDGER")).state.messages
-    finally:
-        await nc.close()
 
 
 @pytest.mark.parametrize("tenant", ["a.b", "a b", "*", ">", "", "x" * 65, "ünï"])
@@ -58,7 +51,7 @@ async def test_invalid_events_are_refused_before_anything_is_sent(
         assert isinstance(err.value, InvalidInput) and isinstance(err.value, JetledgerError)
     with pytest.raises(InvalidInput, match="one tenant"):
         await ledger.append_batch([ok, new_event(tenant="other", stream="s", kind="k", data={})])
-    assert await _stream_messages(worker.url) == 0
+    assert await stream_messages(worker.url) == 0
 
 
 async def test_too_large_event_is_refused_before_sending_and_the_connection_survives(

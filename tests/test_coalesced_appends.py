@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 from conftest import RunningWorker
 from harness import (
@@ -24,6 +23,7 @@ from harness import (
     provision,
     query,
     read_stream,
+    stream_messages,
     verify,
     wait_drained,
 )
@@ -43,14 +43,6 @@ from jetledger.schemas import Event
 from jetledger.worker.natsserver import NatsServer
 
 
-async def _stream_messages(url: str) -> int:
-    nc = await nats.connect(url)
-    try:
-        return (await nc.jetstream().stream_info("JETLEDGER")).state.messages
-    finally:
-        await nc.close()
-
-
 def _ev(stream: str = "s", **kw: object) -> Event:
     return new_event(tenant="acme", stream=stream, kind="k", data=dict(kw.pop("data", {})),
                      **kw)  # type: ignore[arg-type]
@@ -68,7 +60,7 @@ async def test_many_concurrent_appends_become_few_messages_each_with_its_own_res
     events = [_ev(f"s{i % 3}", data={"i": i}) for i in range(300)]
     waited = await asyncio.gather(*(ledger.append(e, wait=i % 2 == 0)
                                     for i, e in enumerate(events)))
-    messages = await _stream_messages(worker.url)
+    messages = await stream_messages(worker.url)
     assert messages < len(events) // 5, messages  # bundles, not one message per event
     assert [r.id for r in waited] == [e.id for e in events]
     for i, r in enumerate(waited):
@@ -190,10 +182,10 @@ async def test_cancelling_one_append_leaves_the_rest_of_its_bundle_alone(
 
 async def test_coalescing_off_sends_one_message_per_event(worker: RunningWorker) -> None:
     async with await LedgerClient.connect(worker.url, tenant="acme", coalesce=False) as client:
-        before = await _stream_messages(worker.url)
+        before = await stream_messages(worker.url)
         results = await asyncio.gather(*(client.append(_ev(data={"i": i})) for i in range(40)))
         assert len({r.js_seq for r in results}) == 40
-        assert await _stream_messages(worker.url) - before == 40
+        assert await stream_messages(worker.url) - before == 40
 
 
 TIMEOUT = 0.3
