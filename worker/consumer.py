@@ -164,6 +164,12 @@ class Ingestor:
                 if not msgs:
                     await self._maybe_record_floor()
                     continue
+                if self._nc.stats["reconnects"] != reconnects:
+                    # Fetched across a reconnect: deliveries in flight at the drop may be
+                    # missing from this batch, and committing it would put later events ahead
+                    # of them. Hand it back; the loop re-establishes the consumer first.
+                    await self._nak(msgs)
+                    continue
                 self.stats.redelivered += sum(
                     1 for m in msgs if m.metadata.num_delivered > 1)
                 outcomes = await self._commit(msgs, stop)
