@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ _BUNDLE_FRAME = 32
 #: 6.2k events/s end to end): the server fsyncs messages one after another, so a second
 #: message in flight barely shortens anyone's wait and halves the events per message.
 DEFAULT_MAX_IN_FLIGHT = 1
+#: Ledger lookups at once when a bundle's notice is lost (within the service's concurrency).
+_FALLBACK_QUERIES = 8
 
 #: What one append of a delivery ended in: its result, or the error to raise for it.
 _Result = AppendResult | JetledgerError
@@ -344,10 +347,23 @@ class LedgerClient:
     def _pump(self, tenant: str, lane: _Lane) -> None:
         while lane.queue and lane.in_flight < self.max_in_flight:
             bundle = self._take(tenant, lane)
+            if not bundle:
+                continue  # only appends whose callers gave up were left: nothing to send
             lane.in_flight += 1
-            task = asyncio.create_task(self._send_bundle(tenant, lane, bundle))
+            release = self._releaser(tenant, lane)
+            task = asyncio.create_task(self._send_bundle(tenant, bundle, release))
             self._bundles.add(task)
-            task.add_done_callback(self._bundles.discard)
+            task.add_done_callback(functools.partial(self._bundle_done, bundle, release))
+
+    def _bundle_done(self, bundle: list[_Pending], release: Callable[[], None],
+                     task: asyncio.Task[None]) -> None:
+        """A bundle task cancelled before it ever ran (its `finally` never ran either)
+        must still give its slot back and answer its appends, or the lane stalls."""
+        self._bundles.discard(task)
+        release()
+        for p in bundle:
+            if not p.future.done():
+                p.future.cancel()
 
     def _take(self, tenant: str, lane: _Lane) -> list[_Pending]:
         """The queue's head, as much of it as one message holds: at most MAX_BATCH_EVENTS
@@ -355,18 +371,24 @@ class LedgerClient:
         subject = self._subjects.batch(tenant)
         budget = (self._nc.max_payload - len(subject) - _BUNDLE_FRAME - self._ct_header
                   - self._notify_header)
-        bundle = [lane.queue.popleft()]  # fits alone: checked before it queued
-        used = len(bundle[0].item) + 1
+        bundle: list[_Pending] = []
+        used = 0
         while lane.queue and len(bundle) < MAX_BATCH_EVENTS:
-            size = len(lane.queue[0].item) + 1
-            if used + size > budget:
+            head = lane.queue[0]
+            if head.future.done():
+                # Its caller was cancelled (a timeout, say) and has not yet run its own
+                # clean-up: it was told the append failed, so the event must not be sent.
+                lane.queue.popleft()
+                continue
+            size = len(head.item) + 1
+            if bundle and used + size > budget:  # the first fits alone: checked on queueing
                 break
             used += size
             bundle.append(lane.queue.popleft())
         return bundle
 
-    async def _send_bundle(self, tenant: str, lane: _Lane, bundle: list[_Pending]) -> None:
-        release = self._releaser(tenant, lane)
+    async def _send_bundle(self, tenant: str, bundle: list[_Pending],
+                           release: Callable[[], None]) -> None:
         try:
             await self._bundle_part(tenant, bundle, release)
         finally:
@@ -592,8 +614,7 @@ class LedgerClient:
             outcomes = decode(msg.data, list[Outcome])
         except TimeoutError:
             # The notice is best effort (a worker crash can lose it): ask the ledger.
-            return [await self._outcome_by_query(tenant, e, js_seq) if w else a
-                    for e, w, a in zip(events, waits, accepted, strict=True)]
+            return await self._outcomes_by_query(tenant, events, waits, accepted, js_seq)
         except nats.errors.Error as exc:
             err: JetledgerError = LedgerTimeout(
                 f"lost the connection while waiting for the worker ({type(exc).__name__}); "
@@ -613,17 +634,42 @@ class LedgerClient:
         return [_result(out, js_seq) if w else a
                 for out, w, a in zip(outcomes, waits, accepted, strict=True)]
 
+    async def _outcomes_by_query(
+        self, tenant: str, events: list[Event], waits: list[bool], accepted: list[_Result],
+        js_seq: int,
+    ) -> list[_Result]:
+        """`_outcome_by_query` for every waiting event of a message, a few at a time and
+        under one deadline: a bundle holds up to 1000 events, and asking one after another
+        would keep them all waiting up to 1000 timeouts when the worker is not answering."""
+        gate = asyncio.Semaphore(_FALLBACK_QUERIES)
+
+        async def one(event: Event) -> _Result:
+            async with gate:
+                try:
+                    return await self._outcome_by_query(tenant, event, js_seq)
+                except JetledgerError as exc:  # overloaded, say: not an outcome either way
+                    return _no_outcome(event, js_seq, exc)
+
+        tasks = {i: asyncio.ensure_future(one(e))
+                 for i, (e, w) in enumerate(zip(events, waits, strict=True)) if w}
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=self.timeout)
+        results = list(accepted)
+        for i, task in tasks.items():
+            if task.done():
+                results[i] = task.result()
+            else:
+                task.cancel()
+                results[i] = _no_outcome(events[i], js_seq, None)
+        return results
+
     async def _outcome_by_query(self, tenant: str, event: Event, js_seq: int) -> _Result:
         """No notice came: decide the outcome from what the ledger holds under the id."""
         try:
             stored = await self.get(event.id, tenant=tenant)
         except (NotFound, TransportError):
             # JetStream stored it (js_seq): never report that as "unavailable".
-            return LedgerTimeout(
-                f"no outcome for event {event.id!r} (in JetStream at seq {js_seq}) and it "
-                "is not stored yet: the worker is behind or not running, or it rejected "
-                "the event (see `jetledger rejections`)"
-            )
+            return _no_outcome(event, js_seq, None)
         if stored.js_seq == js_seq:
             outcome: Literal["inserted", "duplicate"] = "inserted"
         elif _same_content(event, stored):
@@ -814,6 +860,14 @@ def _result(out: Outcome, js_seq: int) -> _Result:
     if hasattr(err, "event_id"):
         err.event_id = out.id or None
     return err
+
+
+def _no_outcome(event: Event, js_seq: int, cause: JetledgerError | None) -> LedgerTimeout:
+    why = f" ({cause.message})" if cause is not None else ""
+    return LedgerTimeout(
+        f"no outcome for event {event.id!r} (in JetStream at seq {js_seq}) and it is not "
+        f"stored yet{why}: the worker is behind or not running, or it rejected the event "
+        "(see `jetledger rejections`)")
 
 
 def _same_content(event: Event, stored: StoredEvent) -> bool:
