@@ -109,7 +109,8 @@ CREATE TABLE IF NOT EXISTS ingest_state (
 #: transaction that also records the new version (all or nothing).
 MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     # SQLite cannot drop the column constraint `js_seq UNIQUE`: rebuild the table, keeping
-    # every row and its rid (cursors of the rejections query are rids).
+    # every row and its rid (cursors of the rejections query are rids). The layout is spelled
+    # out, not taken from DDL: a migration must keep producing version 2 when DDL moves on.
     1: (
         """CREATE TABLE rejections_v2 (
             rid           INTEGER PRIMARY KEY,
