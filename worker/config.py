@@ -79,7 +79,7 @@ class WorkerConfig:
     # 2000: the storage path measured 1.75x faster than at 500 (docs/performance.md); a fetch
     # still returns at once with what is there, so small loads keep their latency.
     batch_size: int = field(default=2000, metadata=_h(
-        "messages fetched and committed per transaction (1..10000)"))
+        "messages fetched and committed per transaction (1..10000; at most 8 MiB of them)"))
     fetch_timeout: float = field(
         default=1.0, metadata=_h("seconds one fetch waits for messages"))
     ack_wait: float = field(default=30.0, metadata=_h("consumer AckWait in seconds"))
