@@ -180,6 +180,29 @@ async def test_cancelling_one_append_leaves_the_rest_of_its_bundle_alone(
     assert check_ledger(worker.db_path).events == 9  # the one taken was sent all the same
 
 
+async def test_an_append_given_up_while_queued_is_never_sent_even_if_its_bundle_leaves_first(
+    ledger: LedgerClient, worker: RunningWorker
+) -> None:
+    """A caller's timeout racing its bundle's departure: cancelling a task cancels the future
+    it awaits at once, but its own clean-up runs a turn later. A bundle taken in between
+    must leave that append out: its caller was told it failed."""
+    events = [_ev(data={"i": i}) for i in range(4)]
+    tasks = [asyncio.create_task(ledger.append(e, wait=True)) for e in events]
+    await asyncio.sleep(0)  # task 0 in flight, 1..3 queued
+    lane = ledger._lanes["acme"]
+    assert len(lane.queue) == 3
+    tasks[2].cancel()  # its future is cancelled now, its clean-up not yet run
+    bundle = ledger._take("acme", lane)  # a bundle leaving in that same turn
+    assert [p.event.id for p in bundle] == [events[1].id, events[3].id]
+    lane.queue.extendleft(reversed(bundle))  # hand them back: the lane sends them itself
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[2], asyncio.CancelledError)
+    assert [r.outcome for r in done if isinstance(r, AppendResult)] == ["inserted"] * 3
+    await asyncio.sleep(0.3)
+    assert query(worker.db_path, "SELECT count(*) FROM events WHERE id=?",
+                 (events[2].id,)) == [(0,)]
+
+
 async def test_coalescing_off_sends_one_message_per_event(worker: RunningWorker) -> None:
     async with await LedgerClient.connect(worker.url, tenant="acme", coalesce=False) as client:
         before = await stream_messages(worker.url)
