@@ -189,7 +189,8 @@ class BatchPuller:
         self._want = 0
         self._reply = ""  # reply subject of the request being waited for
         self._ended = True  # the server ended that request
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None  # the request out, until fetched
+        self._expires_at = 0.0  # loop time by which the server has ended that request
         self._requests = 0
 
     async def start(self) -> None:
@@ -200,7 +201,18 @@ class BatchPuller:
             pending_bytes_limit=DEFAULT_JS_SUB_PENDING_BYTES_LIMIT)
 
     async def close(self) -> list[Msg]:
-        """Unsubscribe; returns deliveries received but never fetched (in order)."""
+        """Unsubscribe; returns deliveries received but never fetched (in order). A request
+        still out (a `prefetch`) is waited for until the server ends it (at most its
+        expiry): its deliveries would otherwise be dropped in flight and come back only
+        after AckWait, behind newer events where the consumer is bound, not re-created."""
+        waiter = self._waiter
+        loop = asyncio.get_running_loop()
+        deadline = self._expires_at + 0.05
+        # Ended with nothing delivered (408 at expiry, say) leaves the waiter pending: poll.
+        while (waiter is not None and not waiter.done() and not self._ended
+               and self._sub is not None and loop.time() < deadline):
+            await asyncio.wait([waiter], timeout=0.01)
+        self._waiter = None
         if self._sub is not None:
             with contextlib.suppress(Exception):  # the connection may be gone
                 await self._sub.unsubscribe()
@@ -210,29 +222,51 @@ class BatchPuller:
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to `batch` messages; [] if none came within `timeout`. Raises `APIError` when
-        the consumer is gone (503)."""
-        if not self._msgs:
-            await self._request(batch, timeout)
+        the consumer is gone (503). Completes the request `prefetch` sent, if any."""
+        if self._waiter is None:
+            if self._msgs:
+                return self._take(batch)  # left by a request the caller stopped waiting for
+            await self._send(batch, timeout)
+        waiter = self._waiter
+        assert waiter is not None
+        try:
+            # Not wait_for: a timeout must not cancel the future the callback resolves.
+            await asyncio.wait([waiter], timeout=timeout)
+        finally:
+            self._waiter = None  # done, or given up: its late statuses are ignored
+        if waiter.done() and (error := waiter.exception()) is not None:
+            raise error
+        return self._take(batch)
+
+    async def prefetch(self, batch: int, timeout: float) -> None:
+        """Send the next pull request now, so that its deliveries travel while the caller
+        finishes the previous batch (acks, notices); the next `fetch` waits for it. A
+        no-op if a request is out or deliveries are already buffered."""
+        if self._waiter is None and not self._msgs:
+            await self._send(batch, timeout)
+
+    def _take(self, batch: int) -> list[Msg]:
         out, self._msgs = self._msgs[:batch], self._msgs[batch:]
         return out
 
-    async def _request(self, batch: int, timeout: float) -> None:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+    async def _send(self, batch: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        # Retrieved by `fetch` normally; if nobody does (closed meanwhile), say nothing.
+        waiter.add_done_callback(_retrieve)
         self._want = batch
         self._requests += 1
         self._reply = f"{self._inbox}.{self._requests}"
         self._ended = False
         expires = max(int(timeout * 1e9) - _EXPIRES_MARGIN_NS, _MIN_EXPIRES_NS)
+        self._expires_at = loop.time() + expires / 1e9
         body = json.dumps({"batch": batch, "max_bytes": self._max_bytes, "expires": expires,
                            "no_wait": True}).encode()
         try:
             await self._nc.publish(self._subject, body, reply=self._reply)
-            # Not wait_for: a timeout must not cancel the future the callback resolves.
-            await asyncio.wait([waiter], timeout=timeout)
-        finally:
+        except BaseException:
             self._waiter = None
-        if waiter.done() and (error := waiter.exception()) is not None:
-            raise error
+            raise
 
     async def _on_msg(self, msg: Msg) -> None:
         if msg.reply:  # a delivery
@@ -262,6 +296,11 @@ class BatchPuller:
             waiter.set_result(None)
         else:
             waiter.set_exception(error)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _api_error(msg: Msg) -> APIError:
