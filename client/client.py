@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.js.errors import APIError, NoStreamResponseError
 
@@ -192,10 +195,19 @@ class LedgerClient:
         # subjects (token checks) and header sizes (constant per connection).
         self._event_subjects: dict[tuple[str, str], str] = {}
         self._ct_header = _header_bytes({CONTENT_TYPE: content_type})
-        # A notify inbox is the inbox prefix, a dot and a 22-character NUID.
+        # A notify inbox is a new_inbox() (the inbox prefix, a dot and a 22-character NUID),
+        # a dot and a counter (20 digits: more than a 64-bit count).
         self._notify_header = (_header_bytes({CONTENT_TYPE: content_type,
-                                              HEADER_NOTIFY: nc.new_inbox()})
+                                              HEADER_NOTIFY: nc.new_inbox() + "." + "9" * 20})
                                - self._ct_header)
+        # One subscription receives every notice of this client (`<inbox>.*`), each message
+        # its own token: a subscribe, an unsubscribe and nats-py's next_msg (a task, a
+        # wait_for and a uuid) per message were a large part of a waiting append's cost.
+        self._notices: Subscription | None = None
+        self._notice_prefix = ""
+        self._notice_ids = itertools.count(1)
+        self._notice_waiters: dict[str, asyncio.Future[Msg]] = {}
+        self._notices_lock = asyncio.Lock()
 
     @classmethod
     async def connect(
@@ -259,6 +271,13 @@ class LedgerClient:
                 await asyncio.gather(*self._bundles, return_exceptions=True)
             else:
                 await asyncio.sleep(0.001)
+        if self._notices is not None and not self._own and not self._nc.is_closed:
+            # A borrowed connection outlives the client: take the notice interest back.
+            try:
+                await self._notices.unsubscribe()
+            except nats.errors.Error:
+                pass  # gone with a reconnect or already closed: nothing to take back
+        self._notices = None
         if self._own and not self._nc.is_closed:
             await self._nc.drain()
 
@@ -516,14 +535,10 @@ class LedgerClient:
         event's. `on_published(js_seq)` runs once JetStream acked."""
         headers = {CONTENT_TYPE: self._ct}
         ids = [e.id for e in events]
-        sub = None
+        inbox: str | None = None
+        notice: asyncio.Future[Msg] | None = None
         if any(waits):
-            inbox = self._nc.new_inbox()
-            try:
-                sub = await self._nc.subscribe(inbox, max_msgs=1)  # before publishing: no race
-            except nats.errors.Error as exc:
-                raise Unavailable(f"cannot subscribe on NATS ({type(exc).__name__}: {exc}); "
-                                  "nothing was sent") from None
+            inbox, notice = await self._notice_inbox()
             headers[HEADER_NOTIFY] = inbox
         try:
             self._raise_if_too_large(len(payload) + _header_bytes(headers) + len(subject))
@@ -532,16 +547,38 @@ class LedgerClient:
                 on_published(js_seq)
             accepted: list[_Result] = [AppendResult(id=i, outcome="accepted", js_seq=js_seq)
                                        for i in ids]
-            if sub is None:
+            if notice is None:
                 return accepted
-            return await self._await_outcome(sub, tenant, events, waits, js_seq, timeout,
+            return await self._await_outcome(notice, tenant, events, waits, js_seq, timeout,
                                              accepted)
         finally:
-            if sub is not None:
-                try:
-                    await sub.unsubscribe()
-                except Exception:  # noqa: BLE001 - already gone (max_msgs reached)
-                    pass
+            if inbox is not None:
+                self._notice_waiters.pop(inbox, None)
+
+    async def _notice_inbox(self) -> tuple[str, asyncio.Future[Msg]]:
+        """A fresh notify inbox for one message, and the future its notice will resolve.
+        The client's notice subscription is made on first use, before that first publish
+        (one connection: the server sees the interest before the message)."""
+        if self._notices is None:
+            async with self._notices_lock:
+                if self._notices is None:
+                    prefix = self._nc.new_inbox()
+                    try:
+                        self._notices = await self._nc.subscribe(f"{prefix}.*",
+                                                                 cb=self._on_notice)
+                    except nats.errors.Error as exc:
+                        raise Unavailable(f"cannot subscribe on NATS ({type(exc).__name__}: "
+                                          f"{exc}); nothing was sent") from None
+                    self._notice_prefix = prefix
+        inbox = f"{self._notice_prefix}.{next(self._notice_ids)}"
+        notice: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._notice_waiters[inbox] = notice
+        return inbox, notice
+
+    async def _on_notice(self, msg: Msg) -> None:
+        notice = self._notice_waiters.pop(msg.subject, None)
+        if notice is not None and not notice.done():
+            notice.set_result(msg)  # one notice per message; a late or repeated one is dropped
 
     async def _publish(
         self, subject: str, payload: bytes, headers: dict[str, str], ids: list[str]
@@ -599,7 +636,7 @@ class LedgerClient:
 
     async def _await_outcome(
         self,
-        sub: Any,
+        notice: asyncio.Future[Msg],
         tenant: str,
         events: list[Event],
         waits: list[bool],
@@ -610,7 +647,7 @@ class LedgerClient:
         """The worker's notice for the message: one outcome per event, in order (a message
         rejected whole may have one for all). Events not waiting keep `accepted`."""
         try:
-            msg = await sub.next_msg(timeout=timeout or self.timeout)
+            msg = await self._next_notice(notice, timeout or self.timeout)
             outcomes = decode(msg.data, list[Outcome])
         except TimeoutError:
             # The notice is best effort (a worker crash can lose it): ask the ledger.
@@ -633,6 +670,33 @@ class LedgerClient:
                         for w, a in zip(waits, accepted, strict=True)]
         return [_result(out, js_seq) if w else a
                 for out, w, a in zip(outcomes, waits, accepted, strict=True)]
+
+    async def _next_notice(self, notice: asyncio.Future[Msg], timeout: float) -> Msg:
+        """The notice, or TimeoutError; ConnectionClosedError once the connection is closed
+        for good (nothing wakes a shared subscription's waiters then: a timer looks every
+        0.5 s). Awaited directly, with a timer rather than wait_for or asyncio.wait: each
+        of those adds turns of the event loop between the notice and its appends, and a
+        busy producer's loop turns slowly."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        timer: asyncio.TimerHandle
+
+        def check() -> None:
+            nonlocal timer
+            if notice.done():
+                return
+            if self._nc.is_closed:
+                notice.set_exception(nats.errors.ConnectionClosedError())
+            elif loop.time() >= deadline:
+                notice.set_exception(TimeoutError())
+            else:
+                timer = loop.call_at(min(deadline, loop.time() + 0.5), check)
+
+        timer = loop.call_at(min(deadline, loop.time() + 0.5), check)
+        try:
+            return await notice
+        finally:
+            timer.cancel()
 
     async def _outcomes_by_query(
         self, tenant: str, events: list[Event], waits: list[bool], accepted: list[_Result],
