@@ -25,19 +25,13 @@ from .jetstream import ensure_stream
 from .metrics import CONTENT_TYPE, InstrumentedWriter, WorkerMetrics
 from .natsserver import NatsServer, NatsServerConfig
 from .reader import LedgerReader
-from .service import QueryProcess, QueryService
+from .service import QueryService
 from .writer import LedgerWriter
 
 __all__ = ["AdminDenied", "PermissionWatch", "Worker", "connect_nats"]
 
 log = logging.getLogger("jetledger.worker")
 T = TypeVar("T")
-
-#: Defaults of the proposed settings `query_process` and `query_process_nice` (read from the
-#: config when it has them): serve queries from a child process on the same file, at this
-#: nice level. See `QueryProcess`.
-QUERY_PROCESS_DEFAULT = False
-QUERY_PROCESS_NICE = 10
 
 
 class AdminDenied(Exception):
@@ -169,7 +163,6 @@ class Worker:
         self._writer: LedgerWriter | None = None
         self._reader: LedgerReader | None = None
         self._service: QueryService | None = None
-        self._queries: QueryProcess | None = None
         self.ingestor: Ingestor | None = None
         self._stop = asyncio.Event()
         self.url = cfg.nats_url or ""
@@ -236,18 +229,12 @@ class Worker:
         # Queries get their own NATS connection and SQLite connections: a large reply or a
         # slow query never sits in front of a fetch or a commit.
         self._query_nc = await self._connect("jetledger-worker-query")
-        if getattr(cfg, "query_process", QUERY_PROCESS_DEFAULT):
-            # Not this process's GIL, and a lower CPU priority than ingest.
-            self._queries = QueryProcess(observe=self.metrics.observe_query)
-            await self._queries.start(
-                cfg, self.url, nice=getattr(cfg, "query_process_nice", QUERY_PROCESS_NICE))
-        else:
-            self._reader = await LedgerReader.open(
-                cfg.db_path, max_reply_bytes=self._query_nc.max_payload
-            )
-            self._service = QueryService(self._query_nc, self._reader, cfg,
-                                         observe=self.metrics.observe_query)
-            await self._service.start()
+        self._reader = await LedgerReader.open(
+            cfg.db_path, max_reply_bytes=self._query_nc.max_payload
+        )
+        self._service = QueryService(self._query_nc, self._reader, cfg,
+                                     observe=self.metrics.observe_query)
+        await self._service.start()
         self.ingestor = _BindingIngestor(self._ingest_nc, js, writer, cfg,
                                          provision=provision, watch=watch)
         self._poller = asyncio.create_task(self._poll_consumer())
@@ -348,9 +335,6 @@ class Worker:
         else:
             detail = self._consumer_check.detail if self._consumer_check else "bound"
             out["consumer"] = Check(True, detail)
-        if self._queries is not None:
-            out["queries"] = (Check(True, "query process running") if self._queries.alive
-                              else Check(False, "the query process exited (see the log)"))
         error = ing.stats.last_error if ing is not None else "not open"
         out["storage"] = Check(error is None, error or "accepting commits")
         return out
@@ -388,8 +372,6 @@ class Worker:
         if self._service is not None:
             with contextlib.suppress(Exception):
                 await self._service.stop()
-        if self._queries is not None:
-            await self._queries.stop()
         for nc in (self._query_nc, self._ingest_nc):
             if nc is not None and not nc.is_closed:
                 with contextlib.suppress(Exception):
@@ -403,7 +385,6 @@ class Worker:
         if self.health is not None:
             await self.health.close()
         self._service = self._reader = self._writer = None
-        self._queries = None
         self._query_nc = self._ingest_nc = None
         self.server = None
         self.health = None

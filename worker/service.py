@@ -9,11 +9,9 @@ reached a request gets an immediate "overloaded" answer instead of a timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -40,7 +38,7 @@ from jetledger.schemas.queries import (
 from .config import WorkerConfig
 from .reader import LedgerReader
 
-__all__ = ["VERSION", "Observer", "QueryProcess", "QueryService", "query_process_main"]
+__all__ = ["VERSION", "Observer", "QueryService"]
 
 log = logging.getLogger("jetledger.worker")
 VERSION = "0.1.0"
@@ -218,141 +216,3 @@ async def _respond_error(request: Request, exc: JetledgerError | None, ct: str) 
         )
     except Exception:
         log.debug("could not send error reply", exc_info=True)
-
-
-# --- queries in a process of their own ------------------------------------------------------
-#
-# The worker can serve queries from a child process on the same ledger file (read-only
-# connections, its own NATS connection): ingest and queries then share the cores but not the
-# GIL, and the child can run at a lower CPU priority (nice) so that ingest is served first when
-# both want the CPU. It is also the shape of a read replica: the same code on a file.
-#
-# The parent writes one JSON line (settings, NATS URL, nice) to the child's stdin and keeps the
-# pipe open: end of file (the parent stopped, or died) stops the child. The child prints
-# "ready" on stdout once it serves, then a line per request answered ("op outcome seconds", in
-# bulk twice a second), which the parent feeds to its metrics. Off by default: on 2 shared cores
-# it measured no clear gain for ingest under query load (see the commit's report).
-
-
-class QueryProcess:
-    """The child process serving queries, seen from the worker."""
-
-    def __init__(self, observe: Observer | None = None) -> None:
-        self._observe: Observer = observe or (lambda op, outcome, seconds: None)
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reports: asyncio.Task[None] | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
-    async def start(self, cfg: WorkerConfig, url: str, *, nice: int = 0,
-                    timeout: float = 60.0) -> None:
-        import dataclasses
-        import json
-        import sys
-
-        settings = {k: str(v) if isinstance(v, Path) else v
-                    for k, v in dataclasses.asdict(cfg).items()}
-        self._proc = proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from jetledger.worker.service import query_process_main; "
-            "query_process_main()",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None
-        # Settings on stdin, never in argv: they can hold the NATS password.
-        proc.stdin.write(json.dumps({"settings": settings, "url": url, "nice": nice}).encode()
-                         + b"\n")
-        await proc.stdin.drain()
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout)
-        except TimeoutError:
-            line = b""
-        if line.strip() != b"ready":
-            await self.stop()
-            raise RuntimeError("the query process did not start (see its log above)")
-        self._reports = asyncio.create_task(self._read_reports(proc.stdout))
-
-    async def _read_reports(self, out: asyncio.StreamReader) -> None:
-        while line := await out.readline():
-            op, outcome, seconds = line.decode().split()
-            self._observe(op, outcome, float(seconds))
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()  # end of file: the child stops its service and exits
-        try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            log.warning("query process %d did not stop within %gs: killing it", proc.pid,
-                        timeout)
-            proc.kill()
-            await proc.wait()
-        if self._reports is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(self._reports, 1.0)
-
-
-def query_process_main() -> None:
-    """Entry point of the query process (see `QueryProcess`)."""
-    import json
-    import os
-    import signal
-    import sys
-
-    from .logs import configure_logging
-
-    # Ctrl-C reaches the whole process group: the worker decides when queries stop (EOF).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    spec = json.loads(sys.stdin.buffer.readline())
-    cfg = WorkerConfig(**spec["settings"])
-    configure_logging(cfg.log_level, cfg.log_format)
-    if spec["nice"]:
-        os.nice(int(spec["nice"]))
-    asyncio.run(_serve_queries(cfg, str(spec["url"])))
-
-
-async def _serve_queries(cfg: WorkerConfig, url: str) -> None:
-    import sys
-
-    from .app import PermissionWatch, connect_nats
-
-    loop = asyncio.get_running_loop()
-    out = sys.stdout
-    pending: list[str] = []
-
-    def report(op: str, outcome: str, seconds: float) -> None:
-        pending.append(f"{op} {outcome} {seconds:.6f}\n")
-
-    async def send_reports() -> None:
-        # In bulk, twice a second: a write (and a wake-up of the worker) per request cost
-        # the requests themselves latency.
-        while True:
-            await asyncio.sleep(0.5)
-            if pending:
-                out.write("".join(pending))
-                out.flush()
-                pending.clear()
-
-    nc = await connect_nats(cfg, url, "jetledger-worker-queries", PermissionWatch(),
-                            max_reconnect_attempts=-1)
-    reader = await LedgerReader.open(cfg.db_path, max_reply_bytes=nc.max_payload)
-    service = QueryService(nc, reader, cfg, observe=report)
-    try:
-        await service.start()
-        out.write("ready\n")
-        out.flush()
-        sender = asyncio.create_task(send_reports())
-        # Until the worker closes our stdin (or dies).
-        await loop.run_in_executor(None, sys.stdin.buffer.read)
-        sender.cancel()
-        out.write("".join(pending))
-        out.flush()
-    finally:
-        with contextlib.suppress(Exception):
-            await service.stop()
-        with contextlib.suppress(Exception):
-            await nc.drain()
-        await reader.close()
