@@ -20,12 +20,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import queue
 import sqlite3
 import struct
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -357,19 +356,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-#: A query for a reader thread: the function, and the loop and future awaiting its result.
-_Job = tuple[Callable[[sqlite3.Connection], T], asyncio.AbstractEventLoop, "asyncio.Future[T]"]
-
-
-def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if fut.cancelled():  # the caller gave up (a stopping service): the result is dropped
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
-
-
 class LedgerReader:
     """Read-only connections, each used by one query at a time from a thread of its own.
 
@@ -379,21 +365,14 @@ class LedgerReader:
 
     def __init__(self, pool: list[sqlite3.Connection], max_reply_bytes: int) -> None:
         self._all = pool
-        # One thread per connection, all taking work from one queue: a thread never waits for
-        # a connection. Two (the default): on 2 cores, 4 served no more pages (341 vs 349/s at
-        # c=32) and each extra thread running SQL takes a share of the CPU from ingest. Not a
-        # ThreadPoolExecutor: its submit + wrap_future hand-off took 85 us round trip (p50,
-        # no-op) against 50 us for a queue and one call_soon_threadsafe, on the event loop
-        # that ingest shares.
-        self._work: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
-        self._closed = False
-        self._threads = [
-            threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                             name=f"jetledger-reader-{i}")
-            for i, conn in enumerate(pool)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._free: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        for conn in pool:
+            self._free.put(conn)
+        # As many threads as connections: a thread never waits for a connection. Two (the
+        # default): on 2 cores, 4 served no more pages (341 vs 349/s at c=32) and each extra
+        # thread running SQL takes a share of the CPU from ingest.
+        self._threads = ThreadPoolExecutor(max_workers=len(pool),
+                                           thread_name_prefix="jetledger-reader")
         self.max_reply_bytes = max_reply_bytes
 
     @classmethod
@@ -415,34 +394,23 @@ class LedgerReader:
 
     async def close(self) -> None:
         def close_all() -> None:
-            for _ in self._threads:
-                self._work.put(None)  # each thread finishes its query, then stops
-            for thread in self._threads:
-                thread.join()
+            self._threads.shutdown(wait=True)
             for conn in self._all:
                 conn.close()
 
-        self._closed = True
         await asyncio.to_thread(close_all)
 
-    def _serve(self, conn: sqlite3.Connection) -> None:
-        while (job := self._work.get()) is not None:
-            fn, loop, fut = job
-            try:
-                result, error = fn(conn), None
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-                result, error = None, exc
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-                loop.call_soon_threadsafe(_settle, fut, result, error)
+    def _with_conn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._free.get()
+        try:
+            return fn(conn)
+        finally:
+            self._free.put(conn)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` with a connection of its own, in a reader thread."""
-        if self._closed:
-            raise RuntimeError("the reader is closed")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._work.put((fn, loop, fut))
-        return await fut
+        return await loop.run_in_executor(self._threads, self._with_conn, fn)
 
     def _events_page(
         self, conn: sqlite3.Connection, tenant: str, q: EventsQuery, content_type: str
