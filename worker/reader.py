@@ -98,18 +98,6 @@ def _timestamp(micros: int) -> msgspec.msgpack.Ext:
     return msgspec.msgpack.Ext(-1, _U32_I64.pack(nanos, secs))
 
 
-def _stamp(micros: int) -> bytes:
-    """`_msgpack.encode(_timestamp(micros))` written directly (checked at import)."""
-    secs, us = divmod(micros, 1_000_000)
-    nanos = us * 1000
-    if secs >> 34 == 0:
-        data64 = (nanos << 34) | secs
-        if data64 >> 32 == 0:
-            return b"\xd6\xff" + _U32.pack(data64)  # fixext 4, type -1
-        return b"\xd7\xff" + _U64.pack(data64)  # fixext 8
-    return b"\xc7\x0c\xff" + _U32_I64.pack(nanos, secs)  # ext 8, 12 bytes
-
-
 class _RawEventsPage(msgspec.Struct, kw_only=True, omit_defaults=True):
     """`EventsPage` with each event already encoded (encodes to the same bytes)."""
 
@@ -155,14 +143,6 @@ _HEADS: Final = {h: bytes((h + _EXTRA,)) for h in range(0x80, 0x90 - _EXTRA)}
 # whose fields are all defaults encodes as an empty map, and once decoded (as a dict) it equals
 # the default `{}`, which omit_defaults leaves out of the reply. Such bodies take the slow path.
 _EMPTY_DATA: Final = b"\xa4data\x80"
-_U16 = struct.Struct(">H")
-_K_SEQ, _K_POSITION, _K_RECORDED_AT, _K_JS_SEQ = (
-    _msgpack.encode(f.encode_name) for f in msgspec.structs.fields(_Assigned))
-_KEYS_LEN: Final = len(_K_SEQ + _K_POSITION + _K_RECORDED_AT + _K_JS_SEQ)
-_K_NEXT_CURSOR: Final = _msgpack.encode("next_cursor")
-#: `_RawEventsPage` map headers with the "events" key: without and with a next_cursor.
-_PAGE_HEAD: Final = b"\x81" + _msgpack.encode("events")
-_PAGE_HEAD_CURSOR: Final = b"\x82" + _msgpack.encode("events")
 
 
 def stored_event(row: Row) -> StoredEvent:
@@ -177,67 +157,17 @@ def stored_event(row: Row) -> StoredEvent:
     )
 
 
-def _assigned_pairs(row: Row, stamps: dict[int, bytes]) -> list[bytes]:
-    """The four pairs `_Assigned` encodes to, without its map header: each value encoded on
-    its own is byte for byte what msgspec writes inside the map (checked at import), and a
-    page's events mostly share a recorded_at (one per commit), so its bytes are cached."""
-    stamp = stamps.get(row[3])
-    if stamp is None:
-        stamp = stamps[row[3]] = _stamp(row[3])
-    enc = _msgpack.encode
-    return [_K_SEQ, enc(row[1]), _K_POSITION, enc(row[2]), _K_RECORDED_AT, stamp, _K_JS_SEQ,
-            enc(row[4])]
-
-
-def _splice_parts(row: Row, stamps: dict[int, bytes]) -> list[bytes]:
-    """`spliced_event(row)` as pieces to join."""
-    body = row[0]
-    head = _HEADS.get(body[0])  # None: not a fixmap with room for 4 more pairs
-    if head is None or _EMPTY_DATA in body:
-        return [_msgpack.encode(stored_event(row))]
-    return [head, body[1:], *_assigned_pairs(row, stamps)]
-
-
 def spliced_event(row: Row) -> bytes:
     """The MessagePack of `stored_event(row)`, built from the stored bytes without decoding."""
-    return b"".join(_splice_parts(row, {}))
-
-
-def _array_header(n: int) -> bytes:
-    return bytes((0x90 | n,)) if n < 16 else b"\xdc" + _U16.pack(n)
-
-
-def _page_bytes(events: list[bytes], count: int, cursor: str | None) -> bytes:
-    """The MessagePack of `_RawEventsPage` holding `count` events whose bytes are the
-    concatenation of `events`, in one join (checked against msgspec at import)."""
-    head = [_PAGE_HEAD_CURSOR if cursor is not None else _PAGE_HEAD, _array_header(count)]
-    tail = [] if cursor is None else [_K_NEXT_CURSOR, _msgpack.encode(cursor)]
-    return b"".join(head + events + tail)
-
-
-def _check_encoding() -> None:
-    """The hand-built pieces must be what msgspec encodes: fail at import, not with replies
-    that differ, if msgspec ever encodes ints, timestamps or headers otherwise."""
-    for seq, position, js_seq, micros in ((1, 127, 128, 0), (255, 65_535, 2**32, 2**40 - 1),
-                                          (7, 1_000_001, 9, 1_763_800_000_123_456),
-                                          (2**31, 2**63 - 1, 70_000, -1_500_000)):
-        assigned = _Assigned(seq=seq, position=position, recorded_at=_timestamp(micros),
-                             js_seq=js_seq)
-        if _stamp(micros) != _msgpack.encode(_timestamp(micros)):
-            raise RuntimeError("msgspec encodes timestamps otherwise: update the reader")
-        pairs = _assigned_pairs((b"", seq, position, micros, js_seq, 0), {})
-        if b"".join(pairs) != _msgpack.encode(assigned)[1:]:
-            raise RuntimeError("msgspec encodes _Assigned otherwise: update the reader")
-    for n in (0, 1, 15, 16, 1000):
-        for cursor in (None, "x" * 40):
-            events = [b"\xc0"] * n  # any encoded value stands for an event here
-            want = _msgpack.encode(_RawEventsPage(events=[msgspec.Raw(e) for e in events],
-                                                  next_cursor=cursor))
-            if _page_bytes(list(events), n, cursor) != want:
-                raise RuntimeError("msgspec encodes _RawEventsPage otherwise: update the reader")
-
-
-_check_encoding()
+    body = row[0]
+    head = _HEADS.get(body[0])  # None: not a fixmap with room for 4 more pairs
+    if head is not None and _EMPTY_DATA not in body:
+        assigned = _msgpack.encode(
+            _Assigned(seq=row[1], position=row[2], recorded_at=_timestamp(row[3]),
+                      js_seq=row[4]))
+        # Its own map header dropped from `assigned`: the pairs only.
+        return b"".join((head, body[1:], assigned[1:]))
+    return _msgpack.encode(stored_event(row))
 
 
 def _encode_cursor(tag: str, *values: int) -> str:
@@ -417,45 +347,28 @@ class LedgerReader:
     ) -> bytes:
         rows: list[Row] = _rows(conn, *events_sql(tenant, q))
         more = len(rows) > q.limit
-        # The reply is joined once from pieces (each event's map header, its stored body
-        # after the header, its assigned pairs): one copy of the events instead of three.
-        parts: list[bytes] = []
-        stamps: dict[int, bytes] = {}
-        served = 0
+        served: list[bytes] = []
         size = _REPLY_OVERHEAD
-        enc = _msgpack.encode
         for row in rows[: q.limit]:
-            body, seq, position, recorded_at, js_seq, _ = row
-            head = _HEADS.get(body[0])
-            if head is None or _EMPTY_DATA in body:
-                event = _msgpack.encode(stored_event(row))
-                size += len(event) * 2  # JSON may be larger than msgpack
-                pieces: list[bytes] = [event]
-            else:  # _splice_parts inlined: this loop is most of a page's Python time
-                stamp = stamps.get(recorded_at)
-                if stamp is None:
-                    stamp = stamps[recorded_at] = _stamp(recorded_at)
-                s, p, j = enc(seq), enc(position), enc(js_seq)  # each value as msgspec writes it
-                size += (len(body) + _KEYS_LEN + len(s) + len(p) + len(stamp) + len(j)) * 2
-                pieces = [head, body[1:], _K_SEQ, s, _K_POSITION, p, _K_RECORDED_AT, stamp,
-                          _K_JS_SEQ, j]
+            event = spliced_event(row)
+            size += len(event) * 2  # JSON may be larger than msgpack
             if size > self.max_reply_bytes and served:
                 more = True
                 break
-            parts += pieces
-            served += 1
+            served.append(event)
         cursor = None
         if more and served:
-            last = rows[served - 1]
+            last = rows[len(served) - 1]
             cursor = (
                 _encode_cursor("t", last[5], last[2])
                 if q.order_by == "occurred_at"
                 else _encode_cursor("e", last[2])
             )
         if content_type == JSON:
-            return encode(EventsPage(events=[stored_event(r) for r in rows[:served]],
+            return encode(EventsPage(events=[stored_event(r) for r in rows[: len(served)]],
                                      next_cursor=cursor), JSON)
-        return _page_bytes(parts, served, cursor)
+        return _msgpack.encode(
+            _RawEventsPage(events=[msgspec.Raw(e) for e in served], next_cursor=cursor))
 
     async def events(self, tenant: str, q: EventsQuery, content_type: str = MSGPACK) -> bytes:
         """An `EventsPage`, encoded."""
