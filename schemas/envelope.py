@@ -33,6 +33,10 @@ Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 StreamName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
+#: A token in what the worker serves: checked when the event came in, so not again on every
+#: decode (msgspec runs the pattern's regex per value: half a client's decode of a page of
+#: 100 events, 593 -> 334 us). The JSON Schema still states the pattern.
+ServedToken = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": TOKEN_PATTERN})]
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -72,6 +76,8 @@ class EventBatch(msgspec.Struct, kw_only=True, omit_defaults=True):
 class StoredEvent(Event, kw_only=True, omit_defaults=True):
     """An event as the ledger holds it, with what the worker assigned at commit."""
 
+    tenant: ServedToken
+    kind: ServedToken
     seq: int  # per tenant+stream, from 1, no gaps
     position: int  # global commit order in this ledger, no gaps
     recorded_at: AwareTime  # the worker's clock: the trusted time
