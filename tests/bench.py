@@ -145,6 +145,10 @@ _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> 2 chars
 _SHIFTS = tuple(range(120, -10, -10))
 
 
+#: Ids minted per millisecond by one producer of live events (about its publish rate).
+LIVE_IDS_PER_MS = 16
+
+
 def fast_ulid(ms: int, rng: random.Random) -> str:
     """A ULID (48-bit ms time + 80 random bits, 26 Crockford chars) from a seeded RNG: event
     sets are reproducible, and ids are time-ordered like real ones (index locality)."""
@@ -240,6 +244,11 @@ class EventMix:
             occurred = (self.start + step * i + timedelta(milliseconds=rng.randrange(1000))
                         if step is not None else self.start)
             ms = int(occurred.timestamp() * 1000)
+            if step is None:
+                # Live events all occur "now", but a producer mints their ids as it goes:
+                # ids rise with publish order, as real ULIDs do (index locality; one shared
+                # millisecond made every id index insert land at random).
+                ms += i // LIVE_IDS_PER_MS
             tenant = TENANTS[rng.randrange(len(TENANTS))]
             kind = kinds[i]
             related = rng.random()
