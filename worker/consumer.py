@@ -108,6 +108,8 @@ class Ingestor:
         self.stats = IngestStats()
         self._next_floor_at = 0.0
         self._unconfirmed: list[Msg] = []  # committed, acks not confirmed by the server
+        # The last batch's acks and the confirmation of them that is still out.
+        self._confirming: tuple[asyncio.Future[None], list[Msg]] | None = None
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
         last, floor = await self._writer.ingest_state()
@@ -143,6 +145,7 @@ class Ingestor:
                     # floor, as at start, so they come back now and in order.
                     reconnects = self._nc.stats["reconnects"]
                     log.info("reconnected to NATS: re-establishing the consumer")
+                    await self._settle()
                     await self._reack()
                     sub = await self._replace(sub, stop)
                     continue
@@ -187,6 +190,8 @@ class Ingestor:
         except _Stopped:
             pass  # stopping while the database refused or NATS was away: nothing acked
         finally:
+            with contextlib.suppress(Exception):  # best effort, as every ack
+                await self._settle()
             log.info("ingest stats: %s", self.stats.line())
             await self._nak(await sub.close())
 
@@ -221,23 +226,44 @@ class Ingestor:
 
     async def _ack(self, msgs: list[Msg]) -> None:
         """Ack a committed batch. Best effort: an ack lost to a reconnect only means the
-        batch comes back, and committing it again is a no-op."""
+        batch comes back, and committing it again is a no-op. The server's confirmation is
+        not waited for here but when the next batch is acked (`_settle`): its round trip
+        was part of every cycle, so of every event's latency, and of the batch size."""
+        await self._settle()
         try:
             for msg in msgs:
                 await msg.ack()
             crash_point("after_ack")
-            await self._confirm(msgs[-1])
-            # Same connection, processed in order: acks held from earlier unconfirmed batches
-            # are in too, so they need not be kept (nor sent again) any longer.
-            self._unconfirmed.clear()
         except ConnectionClosedError:
             raise
         except (NatsError, TimeoutError) as exc:
-            self.stats.ack_failures += 1
-            self._unconfirmed.extend(msgs)
-            log.warning("acks of a committed batch not confirmed (%s: %s); acking again "
-                        "after reconnecting (a redelivery would be a no-op)",
-                        type(exc).__name__, exc)
+            self._ack_failed(msgs, exc)
+            return
+        self._confirming = (asyncio.ensure_future(self._confirm(msgs[-1])), msgs)
+
+    async def _settle(self) -> None:
+        """Wait for the confirmation of the last batch's acks, if one is out."""
+        if self._confirming is None:
+            return
+        confirming, msgs = self._confirming
+        self._confirming = None
+        try:
+            await confirming
+        except ConnectionClosedError:
+            raise
+        except (NatsError, TimeoutError) as exc:
+            self._ack_failed(msgs, exc)
+            return
+        # Same connection, processed in order: acks held from earlier unconfirmed batches
+        # are in too, so they need not be kept (nor sent again) any longer.
+        self._unconfirmed.clear()
+
+    def _ack_failed(self, msgs: list[Msg], exc: Exception) -> None:
+        self.stats.ack_failures += 1
+        self._unconfirmed.extend(msgs)
+        log.warning("acks of a committed batch not confirmed (%s: %s); acking again "
+                    "after reconnecting (a redelivery would be a no-op)",
+                    type(exc).__name__, exc)
 
     async def _reack(self) -> None:
         """Ack again what was committed while the connection was failing (best effort)."""
