@@ -263,8 +263,18 @@ class NatsServer:
         self._signal(signal.SIGUSR2)
 
     def pause(self) -> None:
-        """SIGSTOP: the server keeps its sockets open but answers nothing ("reply lost")."""
+        """SIGSTOP: the server keeps its sockets open but answers nothing ("reply lost").
+        Returns once every thread of the server is stopped: `kill` only queues the signal,
+        and a thread running on another core went on answering for a moment (a test's
+        publish right after the pause was acked)."""
         self._signal(signal.SIGSTOP)
+        assert self._proc is not None
+        tasks = Path(f"/proc/{self._proc.pid}/task")
+        deadline = time.monotonic() + 5.0
+        while tasks.is_dir() and time.monotonic() < deadline:
+            if all(_thread_stopped(t) for t in tasks.iterdir()):
+                return
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """SIGCONT: undo ``pause()``."""
@@ -440,3 +450,12 @@ class NatsServer:
         self._proc = None
         _LIVE.discard(self)
         return self._returncode
+
+
+def _thread_stopped(task: Path) -> bool:
+    """Whether a thread (a /proc/<pid>/task/<tid> dir) is stopped by a signal ("T")."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return True  # exited meanwhile
+    return stat[stat.rindex(")") + 2] in "Tt"
