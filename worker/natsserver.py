@@ -366,6 +366,10 @@ class NatsServer:
                 stdout=log,
                 stderr=log,
                 close_fds=True,
+                # Its own session: a Ctrl-C in a terminal (SIGINT to the whole foreground
+                # process group) reaches the worker only, which drains, then stops the server;
+                # sharing the group, the server died under the worker mid-drain.
+                start_new_session=True,
             )
         self._returncode = None
         _LIVE.add(self)
