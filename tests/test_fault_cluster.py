@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    CONSUMER,
     STREAM,
     ProducerLedger,
     WorkerProcess,
@@ -43,6 +44,27 @@ async def _stream_leader(urls: list[str], timeout: float = 30.0) -> str:
                     return str(info.cluster.leader)
             await asyncio.sleep(0.2)
         raise AssertionError("the stream has no leader")
+    finally:
+        await nc.close()
+
+
+async def _wait_whole(urls: list[str], timeout: float = 30.0) -> None:
+    """Wait until the stream and the worker's consumer have a leader and every replica is
+    current again: a node restarted a moment ago may still be catching up, and a kill then
+    would leave one node of three, not the two this test is about."""
+    nc = await admin_connect(urls)
+    try:
+        js = nc.jetstream(timeout=2)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with contextlib.suppress(Exception):  # no leader yet
+                infos = [await js.stream_info(STREAM), await js.consumer_info(STREAM, CONSUMER)]
+                if all(i.cluster is not None and i.cluster.leader and i.cluster.replicas
+                       and all(r.current and not r.offline for r in i.cluster.replicas)
+                       for i in infos):
+                    return
+            await asyncio.sleep(0.2)
+        raise AssertionError("the restarted node did not catch up")
     finally:
         await nc.close()
 
@@ -85,6 +107,7 @@ async def test_killing_the_stream_leader_then_a_follower_loses_nothing(
                 assert await wait_for_count(db, mark + 300, timeout=30) >= mark + 300, \
                     worker.log_tail()
                 await victim.astart(timeout=30)
+                await _wait_whole(urls)
                 assert worker.alive() and worker.pid == pid
             mark = await wait_for_count(db, count_events(db) + 200, timeout=30)
             stop.set()
