@@ -321,6 +321,35 @@ def make_event(i: int, *, tag: str = "e", tenants: Sequence[str] = TENANTS,
                      id=f"{tag}{i:07d}", data={"i": i, "pad": "x" * pad})
 
 
+async def publish_events(js: Any, first: int, n: int,
+                         headers: dict[str, str] | None = None) -> None:
+    """Publish events `first`..`first + n - 1` (`make_event`) straight to JetStream, one
+    message each, as a producer on the default prefix would."""
+    from jetledger.schemas import CONTENT_TYPE, MSGPACK, Subjects, encode
+
+    subjects = Subjects("jetledger")
+    for i in range(first, first + n):
+        event = make_event(i)
+        await js.publish(subjects.event(event.tenant, event.kind), encode(event),
+                         headers={CONTENT_TYPE: MSGPACK, **(headers or {})})
+
+
+async def started_puller(url: str) -> tuple[Any, Any]:
+    """A connection and a started `BatchPuller` on the worker's durable consumer (created
+    from sequence 1 on a provisioned stream). Close the connection."""
+    import nats
+
+    from jetledger.worker import WorkerConfig
+    from jetledger.worker.jetstream import BatchPuller, consumer_config
+
+    await provision(url)
+    nc = await nats.connect(url)
+    await nc.jetstream().add_consumer(STREAM, consumer_config(WorkerConfig(), 1))
+    puller = BatchPuller(nc, STREAM, CONSUMER)
+    await puller.start()
+    return nc, puller
+
+
 async def produce(
     client: Any,
     ledger: ProducerLedger,

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from harness import (
@@ -30,43 +32,48 @@ from harness import (
 
 from jetledger.worker.natsserver import NatsServer
 
+T = TypeVar("T")
 
-async def _stream_leader(urls: list[str], timeout: float = 30.0) -> str:
-    """The server name of the stream's current leader (waits for an election)."""
+
+async def _poll(urls: list[str], probe: Callable[[Any], Awaitable[T | None]], failure: str,
+                timeout: float = 30.0) -> T:
+    """`probe(js)`'s first answer that is not None, asked every 0.2 s (a probe that raises,
+    say for want of a leader, is asked again); AssertionError(failure) after `timeout`."""
     nc = await admin_connect(urls)
     try:
         js = nc.jetstream(timeout=2)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             with contextlib.suppress(Exception):  # no leader yet
-                info = await js.stream_info(STREAM)
-                if info.cluster is not None and info.cluster.leader:
-                    return str(info.cluster.leader)
+                found = await probe(js)
+                if found is not None:
+                    return found
             await asyncio.sleep(0.2)
-        raise AssertionError("the stream has no leader")
+        raise AssertionError(failure)
     finally:
         await nc.close()
 
 
-async def _wait_whole(urls: list[str], timeout: float = 30.0) -> None:
+async def _stream_leader(urls: list[str]) -> str:
+    """The server name of the stream's current leader (waits for an election)."""
+    async def leader(js: Any) -> str | None:
+        info = await js.stream_info(STREAM)
+        return str(info.cluster.leader) if info.cluster and info.cluster.leader else None
+
+    return await _poll(urls, leader, "the stream has no leader")
+
+
+async def _wait_whole(urls: list[str]) -> None:
     """Wait until the stream and the worker's consumer have a leader and every replica is
     current again: a node restarted a moment ago may still be catching up, and a kill then
     would leave one node of three, not the two this test is about."""
-    nc = await admin_connect(urls)
-    try:
-        js = nc.jetstream(timeout=2)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with contextlib.suppress(Exception):  # no leader yet
-                infos = [await js.stream_info(STREAM), await js.consumer_info(STREAM, CONSUMER)]
-                if all(i.cluster is not None and i.cluster.leader and i.cluster.replicas
-                       and all(r.current and not r.offline for r in i.cluster.replicas)
-                       for i in infos):
-                    return
-            await asyncio.sleep(0.2)
-        raise AssertionError("the restarted node did not catch up")
-    finally:
-        await nc.close()
+    async def whole(js: Any) -> bool | None:
+        infos = [await js.stream_info(STREAM), await js.consumer_info(STREAM, CONSUMER)]
+        return all(i.cluster is not None and i.cluster.leader and i.cluster.replicas
+                   and all(r.current and not r.offline for r in i.cluster.replicas)
+                   for i in infos) or None
+
+    await _poll(urls, whole, "the restarted node did not catch up")
 
 
 def _by_name(cluster: list[NatsServer], name: str) -> NatsServer:

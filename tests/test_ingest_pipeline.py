@@ -12,26 +12,24 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
-from harness import CONSUMER, STREAM, make_event, provision, query
-from nats.js import JetStreamContext
+from harness import (
+    CONSUMER,
+    STREAM,
+    make_event,
+    provision,
+    publish_events,
+    query,
+    started_puller,
+)
 from nats.js.errors import APIError
 
 from jetledger.schemas import CONTENT_TYPE, MSGPACK, Subjects, encode
 from jetledger.worker.config import WorkerConfig
 from jetledger.worker.consumer import Ingestor
-from jetledger.worker.jetstream import BatchPuller, consumer_config
 from jetledger.worker.natsserver import NatsServer
 from jetledger.worker.writer import LedgerWriter
 
 SUBJECTS = Subjects("jetledger")
-
-
-async def _publish(js: JetStreamContext, first: int, n: int,
-                   headers: dict[str, str] | None = None) -> None:
-    for i in range(first, first + n):
-        event = make_event(i)
-        await js.publish(SUBJECTS.event(event.tenant, event.kind), encode(event),
-                         headers={CONTENT_TYPE: MSGPACK, **(headers or {})})
 
 
 async def _run_worker(url: str, tmp_path: Path, n: int, batch_size: int) -> IngestorRun:
@@ -77,7 +75,7 @@ async def test_small_batches_commit_in_jetstream_order(
 ) -> None:
     await provision(nats_server.url)
     nc = await nats.connect(nats_server.url)
-    await _publish(nc.jetstream(), 0, 1000)
+    await publish_events(nc.jetstream(), 0, 1000)
     await nc.close()
 
     run = await _run_worker(nats_server.url, tmp_path, 1000, batch_size=37)
@@ -93,10 +91,10 @@ async def test_a_producer_set_status_header_is_an_ordinary_event(
     await provision(nats_server.url)
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    await _publish(js, 0, 1)
-    await _publish(js, 1, 1, headers={"Status": "503"})
-    await _publish(js, 2, 1, headers={"Status": "404", "Description": "No Messages"})
-    await _publish(js, 3, 1)
+    await publish_events(js, 0, 1)
+    await publish_events(js, 1, 1, headers={"Status": "503"})
+    await publish_events(js, 2, 1, headers={"Status": "404", "Description": "No Messages"})
+    await publish_events(js, 3, 1)
     await nc.close()
 
     run = await _run_worker(nats_server.url, tmp_path, 4, batch_size=10)
@@ -105,20 +103,11 @@ async def test_a_producer_set_status_header_is_an_ordinary_event(
     assert run.ingestor.stats.resubscribes == 0
 
 
-async def _puller(url: str) -> tuple[nats.NATS, BatchPuller]:
-    await provision(url)
-    nc = await nats.connect(url)
-    await nc.jetstream().add_consumer(STREAM, consumer_config(WorkerConfig(), 1))
-    puller = BatchPuller(nc, STREAM, CONSUMER)
-    await puller.start()
-    return nc, puller
-
-
 async def test_puller_returns_pending_messages_at_once_and_keeps_order(
     nats_server: NatsServer
 ) -> None:
-    nc, puller = await _puller(nats_server.url)
-    await _publish(nc.jetstream(), 0, 25)
+    nc, puller = await started_puller(nats_server.url)
+    await publish_events(nc.jetstream(), 0, 25)
 
     t0 = time.monotonic()
     first = await puller.fetch(10, timeout=5)
@@ -134,7 +123,7 @@ async def test_puller_returns_pending_messages_at_once_and_keeps_order(
 async def test_puller_waits_for_the_first_message_and_ends_empty_when_idle(
     nats_server: NatsServer
 ) -> None:
-    nc, puller = await _puller(nats_server.url)
+    nc, puller = await started_puller(nats_server.url)
 
     t0 = time.monotonic()
     assert await puller.fetch(100, timeout=0.5) == []
@@ -142,7 +131,7 @@ async def test_puller_waits_for_the_first_message_and_ends_empty_when_idle(
 
     async def publish_later() -> None:
         await asyncio.sleep(0.3)
-        await _publish(nc.jetstream(), 0, 3)
+        await publish_events(nc.jetstream(), 0, 3)
 
     later = asyncio.create_task(publish_later())
     t0 = time.monotonic()
@@ -160,7 +149,7 @@ async def test_puller_bounds_a_batch_by_bytes_and_returns_it_at_once(
 ) -> None:
     """Messages can be bundles of up to max_payload: a batch is bounded in bytes too, and
     a batch cut short by the byte bound comes back at once, the rest in the next ones."""
-    nc, puller = await _puller(nats_server.url)
+    nc, puller = await started_puller(nats_server.url)
     js = nc.jetstream()
     pad = "x" * (256 * 1024)
     n = 40  # ~10 MiB: more than the smallest byte bound
@@ -185,7 +174,7 @@ async def test_puller_bounds_a_batch_by_bytes_and_returns_it_at_once(
 
 
 async def test_puller_reports_a_deleted_consumer(nats_server: NatsServer) -> None:
-    nc, puller = await _puller(nats_server.url)
+    nc, puller = await started_puller(nats_server.url)
     await nc.jetstream().delete_consumer(STREAM, CONSUMER)
 
     with pytest.raises(APIError):

@@ -10,31 +10,9 @@ import asyncio
 import time
 
 import nats
-from harness import CONSUMER, STREAM, make_event, provision
-from nats.js import JetStreamContext
+from harness import publish_events, started_puller
 
-from jetledger.schemas import CONTENT_TYPE, MSGPACK, Subjects, encode
-from jetledger.worker.config import WorkerConfig
-from jetledger.worker.jetstream import BatchPuller, consumer_config
 from jetledger.worker.natsserver import NatsServer
-
-SUBJECTS = Subjects("jetledger")
-
-
-async def _publish(js: JetStreamContext, first: int, n: int) -> None:
-    for i in range(first, first + n):
-        event = make_event(i)
-        await js.publish(SUBJECTS.event(event.tenant, event.kind), encode(event),
-                         headers={CONTENT_TYPE: MSGPACK})
-
-
-async def _puller(url: str) -> tuple[nats.NATS, BatchPuller]:
-    await provision(url)
-    nc = await nats.connect(url)
-    await nc.jetstream().add_consumer(STREAM, consumer_config(WorkerConfig(), 1))
-    puller = BatchPuller(nc, STREAM, CONSUMER)
-    await puller.start()
-    return nc, puller
 
 
 def _seqs(msgs: list[nats.aio.msg.Msg]) -> list[int]:
@@ -42,8 +20,8 @@ def _seqs(msgs: list[nats.aio.msg.Msg]) -> list[int]:
 
 
 async def test_a_prefetched_request_is_the_next_fetch_in_order(nats_server: NatsServer) -> None:
-    nc, puller = await _puller(nats_server.url)
-    await _publish(nc.jetstream(), 0, 5)
+    nc, puller = await started_puller(nats_server.url)
+    await publish_events(nc.jetstream(), 0, 5)
     first = await puller.fetch(100, timeout=5)
     got = list(first)
     while len(got) < 5:
@@ -51,7 +29,7 @@ async def test_a_prefetched_request_is_the_next_fetch_in_order(nats_server: Nats
 
     await puller.prefetch(100, timeout=5)  # nothing pending yet: the request waits
     await puller.prefetch(100, timeout=5)  # one request out at a time: a no-op
-    await _publish(nc.jetstream(), 5, 5)
+    await publish_events(nc.jetstream(), 5, 5)
     while len(got) < 10:
         more = await puller.fetch(100, timeout=5)
         assert more, "the prefetched request's deliveries must come to the next fetch"
@@ -65,8 +43,8 @@ async def test_a_prefetched_request_is_the_next_fetch_in_order(nats_server: Nats
 async def test_close_hands_back_what_a_prefetched_request_delivered(
     nats_server: NatsServer
 ) -> None:
-    nc, puller = await _puller(nats_server.url)
-    await _publish(nc.jetstream(), 0, 20)
+    nc, puller = await started_puller(nats_server.url)
+    await publish_events(nc.jetstream(), 0, 20)
 
     await puller.prefetch(100, timeout=5)
     left = await puller.close()  # at once: the deliveries are still on their way
@@ -78,7 +56,7 @@ async def test_close_hands_back_what_a_prefetched_request_delivered(
 async def test_close_with_an_idle_prefetched_request_ends_by_its_expiry(
     nats_server: NatsServer
 ) -> None:
-    nc, puller = await _puller(nats_server.url)
+    nc, puller = await started_puller(nats_server.url)
 
     await puller.prefetch(100, timeout=0.5)
     t0 = time.monotonic()
