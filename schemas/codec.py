@@ -49,7 +49,7 @@ def content_type_of(headers: dict[str, str] | None) -> str:
     """The wire format of a message: JSON only if asked for, anything else is MessagePack."""
     if headers:
         value = headers.get(CONTENT_TYPE) or headers.get(CONTENT_TYPE.lower())
-        if value and value.split(";")[0].strip().lower() == JSON:
+        if value and value != MSGPACK and value.split(";")[0].strip().lower() == JSON:
             return JSON
     return MSGPACK
 
