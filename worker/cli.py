@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -76,6 +77,7 @@ async def _main(cfg: WorkerConfig) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        _tune_gc()
         embedded = " (embedded nats-server)" if worker.server is not None else ""
         probes = f"; probes on {worker.http_url}" if worker.health is not None else ""
         print(f"jetledger worker ready: producers connect to {redact(worker.url)}{embedded}; "
@@ -83,6 +85,18 @@ async def _main(cfg: WorkerConfig) -> int:
         await worker.run()
     print("jetledger worker stopped", flush=True)
     return 0
+
+
+def _tune_gc() -> None:
+    """The worker allocates container objects per event (envelopes, payload dicts, rows) that
+    die with their batch, nearly all freed by reference counting. At the default thresholds a
+    2000-event decode + commit ran ~26 young collections, ~2 middle ones and a full one every
+    ~5 batches. Collect young objects less often, and keep what start-up built (modules,
+    connections) out of every later scan. The worker process only: a library does not set
+    its host's collector."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def run_worker(args: argparse.Namespace) -> int:
