@@ -12,7 +12,9 @@ A single event or an atomic batch is decided as one unit; each event of a bundle
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections import defaultdict
@@ -33,6 +35,8 @@ from .times import to_micros
 __all__ = ["LedgerWriter", "StorageError", "is_transient"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("jetledger.worker")
 
 _headers_enc = msgspec.msgpack.Encoder()
 
@@ -102,11 +106,17 @@ _UPSERT_STATE = (
 class LedgerWriter:
     """Owns the write connection. Create with `await LedgerWriter.open(...)`."""
 
-    def __init__(self, db: aiosqlite.Connection, js_stream: str) -> None:
+    def __init__(self, db: aiosqlite.Connection, js_stream: str,
+                 checkpointer: aiosqlite.Connection | None = None) -> None:
         self._db = db
         self._js_stream = js_stream
         self._position = 0
         self._pending_floor = 0
+        # The WAL is copied back into the file from this second connection (its own
+        # thread) after each commit, overlapping the ingest loop's next fetch and decode,
+        # instead of by SQLite's autocheckpoint inside COMMIT on the write path.
+        self._checkpointer = checkpointer
+        self._checkpoint: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -126,15 +136,27 @@ class LedgerWriter:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
-            writer = cls(db, js_stream)
-            await writer._load_position()
+            checkpointer = await _open_checkpointer(path, busy_timeout_ms)
+            try:
+                await db.execute("PRAGMA wal_autocheckpoint=0")
+                writer = cls(db, js_stream, checkpointer)
+                await writer._load_position()
+            except BaseException:
+                await checkpointer.close()
+                raise
         except BaseException:
             await db.close()
             raise
         return writer
 
     async def close(self) -> None:
-        await self._db.close()
+        try:
+            await self._checkpoint_done()
+            if self._checkpointer is not None:
+                await self._checkpointer.close()
+        finally:
+            # The last connection to close checkpoints and removes the WAL.
+            await self._db.close()
 
     async def _load_position(self) -> None:
         async with self._db.execute("SELECT coalesce(max(position), 0) FROM events") as cur:
@@ -159,6 +181,9 @@ class LedgerWriter:
 
         Raises (after rolling back) if the database refuses: nothing is committed then.
         """
+        # A checkpoint that has copied the whole WAL lets this transaction restart the log
+        # from its start: waiting for it keeps the WAL as small as autocheckpoint did.
+        await self._checkpoint_done()
         if self._db.in_transaction:
             # A ROLLBACK that failed (I/O error) left it open: BEGIN would fail forever.
             await self._rollback()
@@ -172,7 +197,14 @@ class LedgerWriter:
         except BaseException:
             await self._rollback()
             raise
+        if self._checkpointer is not None:
+            self._checkpoint = asyncio.create_task(_checkpoint(self._checkpointer))
         return outcomes
+
+    async def _checkpoint_done(self) -> None:
+        if self._checkpoint is not None:
+            await asyncio.shield(self._checkpoint)  # a cancelled caller leaves it to close()
+            self._checkpoint = None
 
     async def _rollback(self) -> None:
         try:
@@ -383,6 +415,28 @@ class LedgerWriter:
         await self._db.execute(_UPSERT_STATE, (self._js_stream, max_js, floor))
         self._position = position
         return results
+
+
+async def _open_checkpointer(path: Path, busy_timeout_ms: int) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        # FULL: the checkpoint syncs the ledger file before the WAL may be reused.
+        await db.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+async def _checkpoint(db: aiosqlite.Connection) -> None:
+    """One PASSIVE checkpoint (never blocks the writer or readers). A failure is logged, not
+    raised: the WAL only grows until a later one succeeds, and every commit stays durable."""
+    try:
+        await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error as exc:
+        log.warning("WAL checkpoint failed (%s); the WAL keeps growing until one succeeds",
+                    exc)
 
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:

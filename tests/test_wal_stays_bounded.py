@@ -1,0 +1,70 @@
+"""The write-ahead log is copied back into the ledger file as ingest goes on, so it stays about
+one batch long however much is committed; a long reader only delays that, never commits."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from harness import make_event
+
+from jetledger.schemas import Subjects, encode
+from jetledger.worker.ingest import Decoded, decode_message
+from jetledger.worker.writer import LedgerWriter
+
+BATCH = 200
+SUBJECTS = Subjects()
+
+
+def _batch(first: int) -> list[Decoded]:
+    out = []
+    for i in range(first, first + BATCH):
+        event = make_event(i)
+        out.append(decode_message(SUBJECTS, SUBJECTS.event(event.tenant, event.kind),
+                                  encode(event), None, i))
+    return out
+
+
+def _wal_bytes(db: Path) -> int:
+    wal = db.with_name(db.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_the_wal_stays_about_one_batch_long_under_sustained_commits(
+        tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    writer = await LedgerWriter.open(db, js_stream="JETLEDGER")
+    try:
+        await writer.commit(_batch(1))
+        one_batch = _wal_bytes(db)
+        for n in range(1, 40):
+            await writer.commit(_batch(1 + n * BATCH))
+        written = 40 * one_batch
+        assert _wal_bytes(db) <= 3 * one_batch < written / 10
+    finally:
+        await writer.close()
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM events").fetchone() == (40 * BATCH,)
+
+
+async def test_a_reader_holding_a_snapshot_delays_the_wal_reset_but_never_a_commit(
+        tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    writer = await LedgerWriter.open(db, js_stream="JETLEDGER")
+    reader = sqlite3.connect(db, isolation_level=None)
+    try:
+        await writer.commit(_batch(1))
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (BATCH,)
+        for n in range(1, 10):
+            await writer.commit(_batch(1 + n * BATCH))
+        held = _wal_bytes(db)  # nothing past the reader's snapshot could be copied back
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (BATCH,)
+        reader.execute("COMMIT")
+        for n in range(10, 40):
+            await writer.commit(_batch(1 + n * BATCH))
+        # Once the reader let go, the log restarted from its beginning instead of growing.
+        assert _wal_bytes(db) <= held
+    finally:
+        reader.close()
+        await writer.close()
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM events").fetchone() == (40 * BATCH,)
