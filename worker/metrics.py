@@ -53,7 +53,8 @@ class WorkerMetrics:
             buckets=_BATCH_BUCKETS, registry=self.registry)
         self.commit_seconds = Histogram(
             "jetledger_commit_duration_seconds",
-            "Time of one successful batch commit (BEGIN IMMEDIATE .. COMMIT)",
+            "Time of one successful batch commit (the previous batch's checkpoint, then"
+            " BEGIN IMMEDIATE .. COMMIT)",
             buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.queries = Counter(
             "jetledger_query_requests", "Query requests answered, by op and outcome",

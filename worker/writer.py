@@ -152,11 +152,13 @@ class LedgerWriter:
     async def close(self) -> None:
         try:
             await self._checkpoint_done()
-            if self._checkpointer is not None:
-                await self._checkpointer.close()
         finally:
-            # The last connection to close checkpoints and removes the WAL.
-            await self._db.close()
+            try:
+                if self._checkpointer is not None:
+                    await self._checkpointer.close()
+            finally:
+                # The last connection to close checkpoints and removes the WAL.
+                await self._db.close()
 
     async def _load_position(self) -> None:
         async with self._db.execute("SELECT coalesce(max(position), 0) FROM events") as cur:
@@ -202,9 +204,12 @@ class LedgerWriter:
         return outcomes
 
     async def _checkpoint_done(self) -> None:
-        if self._checkpoint is not None:
-            await asyncio.shield(self._checkpoint)  # a cancelled caller leaves it to close()
-            self._checkpoint = None
+        task, self._checkpoint = self._checkpoint, None
+        if task is not None:
+            # Never raises the task's outcome (it logs its own failure) and never cancels it:
+            # a caller cancelled here leaves it running, ahead of anything else on its
+            # connection (aiosqlite runs one connection's calls in order).
+            await asyncio.wait((task,))
 
     async def _rollback(self) -> None:
         try:
@@ -434,7 +439,7 @@ async def _checkpoint(db: aiosqlite.Connection) -> None:
     raised: the WAL only grows until a later one succeeds, and every commit stays durable."""
     try:
         await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    except sqlite3.Error as exc:
+    except Exception as exc:  # any failure (even a closed connection) stays out of commits
         log.warning("WAL checkpoint failed (%s); the WAL keeps growing until one succeeds",
                     exc)
 
