@@ -79,7 +79,7 @@ async def test_a_failing_checkpoint_is_logged_and_never_fails_a_commit(
     writer = await LedgerWriter.open(db, js_stream="JETLEDGER")
     try:
         # Break the checkpoint's own connection: every checkpoint from now on fails.
-        await writer._checkpointer.close()  # type: ignore[union-attr]
+        await writer._checkpointer.close()
         for n in range(5):
             await writer.commit(_batch(1 + n * BATCH))
     finally:

@@ -107,7 +107,7 @@ class LedgerWriter:
     """Owns the write connection. Create with `await LedgerWriter.open(...)`."""
 
     def __init__(self, db: aiosqlite.Connection, js_stream: str,
-                 checkpointer: aiosqlite.Connection | None = None) -> None:
+                 checkpointer: aiosqlite.Connection) -> None:
         self._db = db
         self._js_stream = js_stream
         self._position = 0
@@ -154,8 +154,7 @@ class LedgerWriter:
             await self._checkpoint_done()
         finally:
             try:
-                if self._checkpointer is not None:
-                    await self._checkpointer.close()
+                await self._checkpointer.close()
             finally:
                 # The last connection to close checkpoints and removes the WAL.
                 await self._db.close()
@@ -199,8 +198,7 @@ class LedgerWriter:
         except BaseException:
             await self._rollback()
             raise
-        if self._checkpointer is not None:
-            self._checkpoint = asyncio.create_task(_checkpoint(self._checkpointer))
+        self._checkpoint = asyncio.create_task(_checkpoint(self._checkpointer))
         return outcomes
 
     async def _checkpoint_done(self) -> None:
