@@ -4,7 +4,11 @@ never acks what it did not commit, closes cleanly and exits 0; a restart complet
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nats
@@ -66,3 +70,58 @@ async def test_signal_mid_drain_exits_0_and_never_acks_uncommitted(
         again.close()
     report = check_ledger(db)
     assert report.events == N and report.rejections == 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, waiting to be reaped by whoever is its parent now
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["one SIGINT drains", "a second exits now"])
+def test_a_worker_on_its_embedded_server_never_leaves_the_server_running(
+    tmp_path: Path, signals: int
+) -> None:
+    """The embedded nats-server runs in its own session (a terminal's Ctrl-C reaches only
+    the worker, which drains first): however the worker stops, it stops the server."""
+    # A long fetch: the stop waits for the pull request in flight, so a second signal
+    # surely lands while the worker is still stopping.
+    with subprocess.Popen(
+        [sys.executable, "-m", "jetledger.client.cli", "worker", "--data-dir",
+         str(tmp_path / "data"), "--port", "0", "--fetch-timeout", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ) as proc:
+        server = 0
+        try:
+            assert proc.stdout is not None
+            lines = iter(proc.stdout)
+            if not any("jetledger worker ready" in line for line in lines):
+                pytest.fail(f"the worker never got ready (exit {proc.wait()})")
+            (server,) = _children(proc.pid)
+            assert "nats-server" in Path(f"/proc/{server}/cmdline").read_text()
+            proc.send_signal(signal.SIGINT)
+            if signals == 2:
+                assert any("SIGINT: stopping" in line for line in lines)
+                proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == (0 if signals == 1 else 1)
+            assert _gone(server, timeout=10), "the embedded nats-server outlived the worker"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            if server and not _gone(server, timeout=0):
+                os.kill(server, signal.SIGKILL)  # never leave one behind, even failing

@@ -60,16 +60,23 @@ async def _main(cfg: WorkerConfig) -> int:
     async with Worker(cfg) as worker:
         stopping = False
 
+        def exit_now() -> None:
+            # os._exit skips atexit, and the embedded server runs in its own session (a
+            # terminal's Ctrl-C does not reach it): stop it here, or it outlives the worker.
+            if worker.server is not None:
+                worker.server.stop(timeout=2.0)
+            os._exit(1)
+
         def too_slow() -> None:
             log.error("stop took longer than stop_timeout (%gs): exiting now; unacked "
                       "messages are redelivered to the next run", cfg.stop_timeout)
-            os._exit(1)
+            exit_now()
 
         def on_signal(sig: signal.Signals) -> None:
             nonlocal stopping
             if stopping:
                 log.error("second %s: exiting now", sig.name)
-                os._exit(1)
+                exit_now()
             stopping = True
             log.info("%s: stopping (at most %gs)", sig.name, cfg.stop_timeout)
             worker.request_stop()
