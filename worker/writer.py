@@ -160,9 +160,8 @@ class LedgerWriter:
                 await self._db.close()
 
     async def _load_position(self) -> None:
-        async with self._db.execute("SELECT coalesce(max(position), 0) FROM events") as cur:
-            row = await cur.fetchone()
-        self._position = int(row[0]) if row else 0
+        rows = await self._db.execute_fetchall("SELECT coalesce(max(position), 0) FROM events")
+        self._position = int(next(iter(rows))[0])
 
     async def ingest_state(self) -> tuple[int, int]:
         """(last committed JetStream seq, recorded ack floor) for this ledger's stream."""
@@ -221,15 +220,12 @@ class LedgerWriter:
             for cand in msg.events:
                 by_tenant[cand.event.tenant].append(cand.event.id)
         found: dict[tuple[str, str], _Existing] = {}
-        for tenant, ids in by_tenant.items():
-            for chunk in _chunks(ids, 500):
-                sql = (
-                    "SELECT id, content_hash, stream, seq, position FROM events"
-                    f" WHERE tenant=? AND id IN ({','.join('?' * len(chunk))})"
-                )
-                async with self._db.execute(sql, (tenant, *chunk)) as cur:
-                    async for row in cur:
-                        found[(tenant, row[0])] = _Existing(row[1], row[2], row[3], row[4])
+        for sql, params in _per_tenant(
+            "SELECT tenant, id, content_hash, stream, seq, position FROM events", "id",
+            by_tenant,
+        ):
+            for row in await self._db.execute_fetchall(sql, params):
+                found[(row[0], row[1])] = _Existing(row[2], row[3], row[4], row[5])
         return found
 
     async def _decided(self, batch: list[Decoded]) -> dict[tuple[int, int], _Decision]:
@@ -237,12 +233,11 @@ class LedgerWriter:
         (js_seq, item): item 0 is a whole message, n >= 1 the n-th event of a bundle."""
         found: dict[tuple[int, int], _Decision] = {}
         seqs = [msg.js_seq for msg in batch]
-        for chunk in _chunks(seqs, 500):
+        for chunk in _chunks(seqs, _MAX_VARIABLES):
             sql = (f"SELECT js_seq, item, code, reason, event_id FROM rejections"
                    f" WHERE js_seq IN ({','.join('?' * len(chunk))})")
-            async with self._db.execute(sql, chunk) as cur:
-                async for row in cur:
-                    found[(row[0], row[1])] = (row[2], row[3], row[4])
+            for row in await self._db.execute_fetchall(sql, chunk):
+                found[(row[0], row[1])] = (row[2], row[3], row[4])
         return found
 
     async def _heads(self, batch: list[Decoded]) -> dict[tuple[str, str], _Head]:
@@ -251,16 +246,12 @@ class LedgerWriter:
             for cand in msg.events:
                 by_tenant[cand.event.tenant].add(cand.event.stream)
         heads: dict[tuple[str, str], _Head] = {}
-        for tenant, streams in by_tenant.items():
-            names = sorted(streams)
-            for chunk in _chunks(names, 500):
-                sql = (
-                    "SELECT stream, head_seq, first_position, created_at FROM streams"
-                    f" WHERE tenant=? AND stream IN ({','.join('?' * len(chunk))})"
-                )
-                async with self._db.execute(sql, (tenant, *chunk)) as cur:
-                    async for row in cur:
-                        heads[(tenant, row[0])] = _Head(row[1], row[2], row[3])
+        for sql, params in _per_tenant(
+            "SELECT tenant, stream, head_seq, first_position, created_at FROM streams",
+            "stream", {tenant: sorted(streams) for tenant, streams in by_tenant.items()},
+        ):
+            for row in await self._db.execute_fetchall(sql, params):
+                heads[(row[0], row[1])] = _Head(row[2], row[3], row[4])
         return heads
 
     async def _write(self, batch: list[Decoded]) -> list[list[Outcome]]:
@@ -444,6 +435,40 @@ async def _checkpoint(db: aiosqlite.Connection) -> None:
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+#: Bound parameters per statement: SQLite's lowest limit (before 3.32), so any build takes it.
+_MAX_VARIABLES = 999
+#: UNION ALL terms per statement (SQLITE_MAX_COMPOUND_SELECT's default).
+_MAX_TERMS = 500
+
+
+def _per_tenant(
+    select: str, column: str, wanted: dict[str, list[str]]
+) -> list[tuple[str, list[Any]]]:
+    """Statements that find, for every tenant, the rows whose `column` is one of its values:
+    one `WHERE tenant=? AND column IN (...)` term per tenant, joined by UNION ALL, split only
+    where a statement would pass SQLite's limits. Each statement is one round trip to the
+    SQLite thread (~80 µs on the benchmark box): a statement per tenant, each stepped
+    through a cursor, made ~70 per commit."""
+    statements: list[tuple[str, list[Any]]] = []
+    terms: list[str] = []
+    params: list[Any] = []
+    for tenant, values in wanted.items():
+        rest = values
+        while rest:
+            room = _MAX_VARIABLES - len(params) - 1  # one for the tenant
+            if room < 1 or len(terms) == _MAX_TERMS:
+                statements.append((" UNION ALL ".join(terms), params))
+                terms, params = [], []
+                continue
+            chunk, rest = rest[:room], rest[room:]
+            marks = ",".join("?" * len(chunk))
+            terms.append(f"{select} WHERE tenant=? AND {column} IN ({marks})")
+            params.extend((tenant, *chunk))
+    if terms:
+        statements.append((" UNION ALL ".join(terms), params))
+    return statements
 
 
 def _refusal(
