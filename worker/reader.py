@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import queue
 import sqlite3
 import struct
@@ -84,6 +85,9 @@ _U64 = struct.Struct(">Q")
 _U32_I64 = struct.Struct(">Iq")
 
 
+# Cached: every event of a commit has the same recorded_at, so a page holds few distinct ones
+# (1.15 µs a call, about a third of splicing an event). Ext is immutable, so sharing is safe.
+@functools.lru_cache(maxsize=1024)
 def _timestamp(micros: int) -> msgspec.msgpack.Ext:
     """`from_micros(micros)` as msgspec encodes a datetime (the MessagePack timestamp
     extension, -1, in its shortest form), without building the datetime: that was half the
