@@ -942,6 +942,29 @@ def summary(values: Sequence[float], unit: str) -> dict[str, Any]:
             "unit": unit}
 
 
+def cpu_ticks() -> dict[str, int]:
+    """The whole machine's CPU time so far (/proc/stat, all cores), by state; empty where
+    there is no /proc."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    with contextlib.suppress(OSError, ValueError):
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        return dict(zip(names, map(int, fields), strict=True))
+    return {}
+
+
+def box_share(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Where the machine's CPU time went between two `cpu_ticks()`, in %: `busy` (this run
+    and anything else on the box), `steal` (taken by the hypervisor for other guests: a
+    section run under heavy steal is slower for reasons outside this run)."""
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    total = sum(delta.values())
+    if not total:
+        return {}
+    busy = total - delta["idle"] - delta["iowait"] - delta["steal"]
+    return {"busy_pct": 100 * busy / total, "steal_pct": 100 * delta["steal"] / total,
+            "iowait_pct": 100 * delta["iowait"] / total}
+
+
 def machine_info() -> dict[str, Any]:
     model = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
@@ -1380,12 +1403,16 @@ class Bench:
                 ("memory", self.memory),
             ]
             self.micro()
+            box: dict[str, Any] = self.r.setdefault("box", {})
             for name, step in steps:
                 if self.only and name not in self.only:
                     continue
-                t0 = time.monotonic()
+                t0, ticks = time.monotonic(), cpu_ticks()
                 await step()
-                log(f"{name}: {time.monotonic() - t0:.1f}s")
+                box[name] = {"seconds": time.monotonic() - t0,
+                             **box_share(ticks, cpu_ticks())}
+                log(f"{name}: {box[name]['seconds']:.1f}s, steal "
+                    f"{_fmt(box[name].get('steal_pct'), '%')}")
         finally:
             for w in self.workers:
                 with contextlib.suppress(Exception):
@@ -1517,6 +1544,8 @@ def _fmt(x: float | None, unit: str = "") -> str:
         return "n/a"
     if unit == "events/s" or unit == "pages/s":
         return f"{x:,.0f} {unit}"
+    if unit == "%":
+        return f"{x:.0f}%"
     return f"{x:.2f} {unit}".strip()
 
 
@@ -1616,6 +1645,14 @@ def render(r: dict[str, Any]) -> str:
     w2 = max(len(b) for _, b, _ in rows)
     lines = [f"{'what':<{w1}}  {'median':<{w2}}  spread / notes", "-" * (w1 + w2 + 40)]
     lines += [f"{a:<{w1}}  {b:<{w2}}  {c}" for a, b, c in rows]
+    lines.append("")
+    lines.append("the box per section (% of all cores' time: busy with anything / stolen by "
+                 "the hypervisor):")
+    for name, share in r.get("box", {}).items():
+        if "busy_pct" not in share:
+            continue  # a section with nothing to run in this mode (long, outside --long)
+        busy, steal = _fmt(share.get("busy_pct"), "%"), _fmt(share.get("steal_pct"), "%")
+        lines.append(f"  {name:<10} {share['seconds']:7.1f}s  busy {busy:>4}  steal {steal:>4}")
     lines.append("")
     lines.append("ratios (medians of this run):")
     for key, value in r["ratios"].items():

@@ -55,7 +55,7 @@ RESULT_KEYS = {
     "e2e_single_eps", "e2e_batch_eps", "latency", "ledger_build", "query_windows_s", "queries",
     "growth_n_eps", "growth_n_events", "ingest_under_queries_eps", "growth_long_eps",
     "growth_backlog", "growth_drain_0_eps", "growth_drain_n_eps", "growth_drain_n_stored",
-    "memory", "query_plan", "ratios",
+    "memory", "query_plan", "ratios", "box",
 }
 RATIO_KEYS = {
     "e2e_over_bus_ceiling", "e2e_batch_over_bus_ceiling", "e2e_over_coalescing_off",
@@ -91,3 +91,7 @@ def test_quick_mode_completes_and_reports_everything(tmp_path: Path) -> None:
     assert {"c1_idle", "c32_idle", "c1_ingest", "c32_ingest"} <= results["queries"].keys()
     assert {"c1", "c32"} <= results["ingest_under_queries_eps"].keys()
     assert {"worker_peak_rss_mb", "drain_eps", "backlog_events"} <= results["memory"].keys()
+    # How busy the box was, and how much of it the hypervisor took, during each section.
+    sections = {"bus", "storage", "e2e", "latency", "queries", "growth", "memory"}
+    assert all({"seconds", "busy_pct", "steal_pct"} <= results["box"][name].keys()
+               for name in sections), results["box"]
