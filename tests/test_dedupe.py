@@ -4,6 +4,7 @@ every consumed event ends in exactly one outcome: inserted, duplicate or conflic
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 
 import msgspec
@@ -19,7 +20,7 @@ from jetledger.client import (
     encode,
     new_event,
 )
-from jetledger.schemas import Subjects
+from jetledger.schemas import Event, Subjects
 from jetledger.worker.ingest import decode_message
 from jetledger.worker.writer import LedgerWriter
 
@@ -136,38 +137,49 @@ async def test_without_a_notice_the_outcome_is_decided_from_the_ledger_correctly
 async def test_a_redelivered_batch_wider_than_one_lookup_is_still_decided_from_the_ledger(
     tmp_path: Path,
 ) -> None:
-    """The writer looks up a batch's stored ids, stream heads and earlier rejections in as
-    few statements as SQLite's limits allow (999 bound values, 500 UNION ALL terms). A batch
-    that needs several of each (600 tenants, one tenant with 1500 events, 2101 messages) is
-    redelivered: every event is a duplicate at its original seq and position, a rejection
-    that would pass now stays rejected, and each stream carries on from its real head."""
+    """The writer looks up a batch's stored ids, stream heads and earlier rejections with as
+    few statements as SQLite's limit of 999 bound values allows. A batch that needs several of
+    each (600 tenants, 1700 streams, 2103 messages) is redelivered: every event is a duplicate
+    at its original seq and position, and each rejection that would pass now (in the first,
+    middle and last thousand messages) stays rejected. Then every stream carries on from its
+    real head."""
     subjects = Subjects()
-    events = [new_event(tenant=f"t{i:03d}", stream=f"s{i % 3}", kind="k", data={"i": i})
-              for i in range(600)]
-    events += [new_event(tenant="big", stream=f"run{i % 700}", kind="k", data={"i": i})
-               for i in range(1500)]
-    # Message 1601: run0 holds 2 events by then (big's 0th and 700th), 3 once the batch is in.
-    stale = new_event(tenant="big", stream="run0", kind="k", data={}, expected_seq=3)
-    sent = [*events[:1600], stale, *events[1600:]]
+    small = [new_event(tenant=f"t{i:03d}", stream=f"s{i % 3}", kind="k", data={"i": i})
+             for i in range(600)]
+    big = [new_event(tenant="big", stream=f"run{i % 1100}", kind="k", data={"i": i})
+           for i in range(1500)]
+    events = small + big
+
+    def stale(stream: str) -> Event:
+        # Each stream named here holds 1 event (or none) where this one is decided and 2 once
+        # the batch is in: refused on the first delivery, it would pass on the second.
+        return new_event(tenant="big", stream=stream, kind="k", data={}, expected_seq=2)
+
+    sent = [stale("run0"), *events[:1600], stale("run5"), *events[1600:2050], stale("run399"),
+            *events[2050:]]
+    refused = {0, 1601, 2052}
     batch = [decode_message(subjects, f"jetledger.evt.{ev.tenant}.k", encode(ev), None, seq)
              for seq, ev in enumerate(sent, start=1)]
+    heads = Counter((ev.tenant, ev.stream) for ev in events)
+    following = [new_event(tenant=t, stream=s, kind="k", data={}) for t, s in heads]
     writer = await LedgerWriter.open(tmp_path / "ledger.db", js_stream="JETLEDGER")
     try:
         once = await writer.commit(batch)
         again = await writer.commit(batch)
-        after = new_event(tenant="big", stream="run699", kind="k", data={})
-        (next_one,), = await writer.commit([decode_message(
-            subjects, "jetledger.evt.big.k", encode(after), None, len(batch) + 1)])
+        after = await writer.commit([
+            decode_message(subjects, f"jetledger.evt.{ev.tenant}.k", encode(ev), None,
+                           len(sent) + n) for n, ev in enumerate(following, start=1)])
     finally:
         await writer.close()
-    rejected = sent.index(stale)
     assert [o.outcome for (o,) in once] == [
-        "rejected" if i == rejected else "inserted" for i in range(len(sent))]
-    assert [(o.outcome, o.seq, o.position) for (o,) in again] == [
-        (o.outcome if i == rejected else "duplicate", o.seq, o.position)
-        for i, (o,) in enumerate(once)]
-    assert again[rejected][0].code == "expected_seq_mismatch"
-    assert (next_one.outcome, next_one.seq) == ("inserted", 3)  # run699: events 699, 1399
+        "rejected" if i in refused else "inserted" for i in range(len(sent))]
+    assert [(o.outcome, o.code, o.seq, o.position) for (o,) in again] == [
+        (o.outcome, o.code, o.seq, o.position) if i in refused
+        else ("duplicate", None, o.seq, o.position) for i, (o,) in enumerate(once)]
+    assert all(again[i][0].code == "expected_seq_mismatch" for i in refused)
+    assert [(o.outcome, o.seq) for (o,) in after] == [
+        ("inserted", heads[(ev.tenant, ev.stream)] + 1) for ev in following]
     db = tmp_path / "ledger.db"
-    assert check_ledger(db).events == len(events) + 1
-    assert query(db, "SELECT js_seq FROM rejections") == [(rejected + 1,)]
+    assert check_ledger(db).events == len(events) + len(following)
+    assert query(db, "SELECT js_seq FROM rejections ORDER BY js_seq") == [
+        (i + 1,) for i in sorted(refused)]

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -215,15 +215,10 @@ class LedgerWriter:
             pass  # SQLite may have rolled back already (disk full does that)
 
     async def _existing(self, batch: list[Decoded]) -> dict[tuple[str, str], _Existing]:
-        by_tenant: dict[str, list[str]] = defaultdict(list)
-        for msg in batch:
-            for cand in msg.events:
-                by_tenant[cand.event.tenant].append(cand.event.id)
+        # dict.fromkeys: in order, each (tenant, id) once (a batch may repeat one).
+        wanted = dict.fromkeys((c.event.tenant, c.event.id) for m in batch for c in m.events)
         found: dict[tuple[str, str], _Existing] = {}
-        for sql, params in _per_tenant(
-            "SELECT tenant, id, content_hash, stream, seq, position FROM events", "id",
-            by_tenant,
-        ):
+        for sql, params in _lookups(_EXISTING, list(wanted)):
             for row in await self._db.execute_fetchall(sql, params):
                 found[(row[0], row[1])] = _Existing(row[2], row[3], row[4], row[5])
         return found
@@ -234,22 +229,16 @@ class LedgerWriter:
         found: dict[tuple[int, int], _Decision] = {}
         seqs = [msg.js_seq for msg in batch]
         for chunk in _chunks(seqs, _MAX_VARIABLES):
-            sql = (f"SELECT js_seq, item, code, reason, event_id FROM rejections"
-                   f" WHERE js_seq IN ({','.join('?' * len(chunk))})")
-            for row in await self._db.execute_fetchall(sql, chunk):
+            size = _shape(len(chunk), _MAX_VARIABLES)
+            sql = _DECIDED.format(marks=_marks(size, 1))
+            for row in await self._db.execute_fetchall(sql, _padded(chunk, size)):
                 found[(row[0], row[1])] = (row[2], row[3], row[4])
         return found
 
     async def _heads(self, batch: list[Decoded]) -> dict[tuple[str, str], _Head]:
-        by_tenant: dict[str, set[str]] = defaultdict(set)
-        for msg in batch:
-            for cand in msg.events:
-                by_tenant[cand.event.tenant].add(cand.event.stream)
+        wanted = dict.fromkeys((c.event.tenant, c.event.stream) for m in batch for c in m.events)
         heads: dict[tuple[str, str], _Head] = {}
-        for sql, params in _per_tenant(
-            "SELECT tenant, stream, head_seq, first_position, created_at FROM streams",
-            "stream", {tenant: sorted(streams) for tenant, streams in by_tenant.items()},
-        ):
+        for sql, params in _lookups(_HEADS, list(wanted)):
             for row in await self._db.execute_fetchall(sql, params):
                 heads[(row[0], row[1])] = _Head(row[2], row[3], row[4])
         return heads
@@ -437,37 +426,60 @@ def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-#: Bound parameters per statement: SQLite's lowest limit (before 3.32), so any build takes it.
+# A commit's lookups. Every call on the connection is a round trip to its thread (~80 µs on
+# the benchmark box), so each lookup is one statement for the whole batch, fetched whole:
+# ~10 round trips a commit, where a statement per tenant stepped through a cursor made ~70.
+# The (tenant, key) pairs come as a VALUES list; CROSS JOIN keeps it the outer loop, so each
+# pair is one search of the unique index (`(tenant, id) IN (VALUES ...)` scans the table).
+_EXISTING = (
+    "SELECT e.tenant, e.id, e.content_hash, e.stream, e.seq, e.position"
+    " FROM (VALUES {marks}) AS v CROSS JOIN events AS e"
+    " ON e.tenant = v.column1 AND e.id = v.column2"
+)
+_HEADS = (
+    "SELECT s.tenant, s.stream, s.head_seq, s.first_position, s.created_at"
+    " FROM (VALUES {marks}) AS v CROSS JOIN streams AS s"
+    " ON s.tenant = v.column1 AND s.stream = v.column2"
+)
+_DECIDED = "SELECT js_seq, item, code, reason, event_id FROM rejections WHERE js_seq IN ({marks})"
+
+#: Bound values per statement: SQLite's lowest limit (before 3.32), so any build takes it.
 _MAX_VARIABLES = 999
-#: UNION ALL terms per statement (SQLITE_MAX_COMPOUND_SELECT's default).
-_MAX_TERMS = 500
 
 
-def _per_tenant(
-    select: str, column: str, wanted: dict[str, list[str]]
-) -> list[tuple[str, list[Any]]]:
-    """Statements that find, for every tenant, the rows whose `column` is one of its values:
-    one `WHERE tenant=? AND column IN (...)` term per tenant, joined by UNION ALL, split only
-    where a statement would pass SQLite's limits. Each statement is one round trip to the
-    SQLite thread (~80 µs on the benchmark box): a statement per tenant, each stepped
-    through a cursor, made ~70 per commit."""
-    statements: list[tuple[str, list[Any]]] = []
-    terms: list[str] = []
-    params: list[Any] = []
-    for tenant, values in wanted.items():
-        rest = values
-        while rest:
-            room = _MAX_VARIABLES - len(params) - 1  # one for the tenant
-            if room < 1 or len(terms) == _MAX_TERMS:
-                statements.append((" UNION ALL ".join(terms), params))
-                terms, params = [], []
-                continue
-            chunk, rest = rest[:room], rest[room:]
-            marks = ",".join("?" * len(chunk))
-            terms.append(f"{select} WHERE tenant=? AND {column} IN ({marks})")
-            params.extend((tenant, *chunk))
-    if terms:
-        statements.append((" UNION ALL ".join(terms), params))
+def _shape(n: int, cap: int) -> int:
+    """How many rows a lookup of n binds: n rounded up to a power of two from 8, at most
+    `cap`. A handful of statement texts stay prepared in the connection's statement cache;
+    one text per batch would be prepared on every commit and fill the cache with statements
+    never used again (~30 MB over a 2000-event batch stream)."""
+    size = 8
+    while size < n:
+        size *= 2
+    return min(size, cap)
+
+
+@functools.lru_cache(maxsize=64)
+def _marks(rows: int, width: int) -> str:
+    """`rows` placeholders, or rows of `width` placeholders for a VALUES list."""
+    one = "?" if width == 1 else "(" + ",".join("?" * width) + ")"
+    return ",".join([one] * rows)
+
+
+def _padded(values: list[T], size: int) -> list[T]:
+    """`values` repeated at the end to `size` items: a repeated key finds the same row again,
+    which the caller's dict keeps once."""
+    return values + values[-1:] * (size - len(values))
+
+
+def _lookups(template: str, pairs: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """Statements (text, parameters) that look up every (tenant, key) pair, each binding at
+    most `_MAX_VARIABLES` values."""
+    per_statement = _MAX_VARIABLES // 2
+    statements: list[tuple[str, list[str]]] = []
+    for chunk in _chunks(pairs, per_statement):
+        size = _shape(len(chunk), per_statement)
+        params = [value for pair in _padded(chunk, size) for value in pair]
+        statements.append((template.format(marks=_marks(size, 2)), params))
     return statements
 
 
