@@ -1650,7 +1650,7 @@ def render(r: dict[str, Any]) -> str:
                  "the hypervisor):")
     for name, share in r.get("box", {}).items():
         if "busy_pct" not in share:
-            continue  # a section with nothing to run in this mode (long, outside --long)
+            continue  # no clock tick passed: nothing ran (long, outside --long)
         busy, steal = _fmt(share.get("busy_pct"), "%"), _fmt(share.get("steal_pct"), "%")
         lines.append(f"  {name:<10} {share['seconds']:7.1f}s  busy {busy:>4}  steal {steal:>4}")
     lines.append("")

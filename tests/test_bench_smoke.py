@@ -91,7 +91,8 @@ def test_quick_mode_completes_and_reports_everything(tmp_path: Path) -> None:
     assert {"c1_idle", "c32_idle", "c1_ingest", "c32_ingest"} <= results["queries"].keys()
     assert {"c1", "c32"} <= results["ingest_under_queries_eps"].keys()
     assert {"worker_peak_rss_mb", "drain_eps", "backlog_events"} <= results["memory"].keys()
-    # How busy the box was, and how much of it the hypervisor took, during each section.
+    # How busy the box was, and how much of it the hypervisor took, during each section
+    # (read from /proc/stat: on a machine without it the shares are left out).
     sections = {"bus", "storage", "e2e", "latency", "queries", "growth", "memory"}
-    assert all({"seconds", "busy_pct", "steal_pct"} <= results["box"][name].keys()
-               for name in sections), results["box"]
+    shares = {"seconds", "busy_pct", "steal_pct"} if Path("/proc/stat").exists() else {"seconds"}
+    assert all(shares <= results["box"][name].keys() for name in sections), results["box"]
