@@ -227,11 +227,8 @@ class LedgerWriter:
         """Rejections committed on an earlier delivery of this batch's messages, by
         (js_seq, item): item 0 is a whole message, n >= 1 the n-th event of a bundle."""
         found: dict[tuple[int, int], _Decision] = {}
-        seqs = [msg.js_seq for msg in batch]
-        for chunk in _chunks(seqs, _MAX_VARIABLES):
-            size = _shape(len(chunk), _MAX_VARIABLES)
-            sql = _DECIDED.format(marks=_marks(size, 1))
-            for row in await self._db.execute_fetchall(sql, _padded(chunk, size)):
+        for sql, params in _lookups(_DECIDED, [(msg.js_seq,) for msg in batch]):
+            for row in await self._db.execute_fetchall(sql, params):
                 found[(row[0], row[1])] = (row[2], row[3], row[4])
         return found
 
@@ -471,15 +468,18 @@ def _padded(values: list[T], size: int) -> list[T]:
     return values + values[-1:] * (size - len(values))
 
 
-def _lookups(template: str, pairs: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    """Statements (text, parameters) that look up every (tenant, key) pair, each binding at
-    most `_MAX_VARIABLES` values."""
-    per_statement = _MAX_VARIABLES // 2
-    statements: list[tuple[str, list[str]]] = []
-    for chunk in _chunks(pairs, per_statement):
+def _lookups(template: str, keys: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+    """Statements (text, parameters) that look up every key (a js_seq, or a (tenant, key)
+    pair for a VALUES list), each binding at most `_MAX_VARIABLES` values."""
+    if not keys:
+        return []
+    width = len(keys[0])
+    per_statement = _MAX_VARIABLES // width
+    statements: list[tuple[str, list[Any]]] = []
+    for chunk in _chunks(keys, per_statement):
         size = _shape(len(chunk), per_statement)
-        params = [value for pair in _padded(chunk, size) for value in pair]
-        statements.append((template.format(marks=_marks(size, 2)), params))
+        params = [value for key in _padded(chunk, size) for value in key]
+        statements.append((template.format(marks=_marks(size, width)), params))
     return statements
 
 
