@@ -418,14 +418,13 @@ async def _naive(sub: Any, nc: Any, job: ConsumeJob) -> tuple[float, int]:
 
     from jetledger.schemas import Event
     from jetledger.worker.schema import DDL, PRAGMAS
-    from jetledger.worker.times import to_micros
 
     decoder = msgspec.msgpack.Decoder(Event)
     db = await aiosqlite.connect(job.db_path, isolation_level=None)
     for pragma in PRAGMAS:
         await db.execute(pragma)
     await db.executescript(DDL)
-    heads: dict[tuple[str, str], int] = {}
+    rows = LedgerRows()  # names and seqs kept in memory, as a quick integration would
     got = 0
     t0 = time.monotonic()
     while got < job.n:
@@ -433,17 +432,13 @@ async def _naive(sub: Any, nc: Any, job: ConsumeJob) -> tuple[float, int]:
             (msg,) = await sub.fetch(1, timeout=1.0)
         except TimeoutError:
             continue
-        ev = decoder.decode(msg.data)
-        seq = heads.get((ev.tenant, ev.stream), 0) + 1
-        heads[(ev.tenant, ev.stream)] = seq
+        rows.now = time.time_ns() // 1000
+        rows.add(decoder.decode(msg.data), msg.metadata.sequence.stream,
+                 hashlib.sha256(msg.data).digest(), msg.data)
         await db.execute("BEGIN IMMEDIATE")
-        await db.execute(
-            "INSERT INTO events (tenant, id, stream, seq, kind, occurred_at, recorded_at,"
-            " correlation_id, causation_id, js_seq, content_hash, body)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (ev.tenant, ev.id, ev.stream, seq, ev.kind, to_micros(ev.occurred_at),
-             time.time_ns() // 1000, ev.correlation_id, ev.causation_id,
-             msg.metadata.sequence.stream, hashlib.sha256(msg.data).digest(), msg.data))
+        for sql, new in rows.new_names(streams=True):
+            await db.executemany(sql, new)
+        await db.execute(_INSERT_EVENT, rows.events.pop())
         await db.execute("COMMIT")
         await msg.ack()
         got += 1
@@ -474,20 +469,66 @@ def _decoded_batch(seed: int, n: int, start: float) -> list[Any]:
             for i, ev in enumerate(EventMix(seed, n, start=datetime.fromtimestamp(start, UTC)))]
 
 
-def _rows(decoded: list[Any]) -> list[tuple[Any, ...]]:
-    """Event rows exactly as LedgerWriter builds them (position, seq per stream)."""
-    from jetledger.worker.times import to_micros
+class LedgerRows:
+    """Event rows exactly as LedgerWriter builds them (position, seq per stream, integer
+    tenant, stream and kind ids given in order of first appearance) and the names of the
+    ids, for the dictionary tables."""
 
-    heads: dict[tuple[str, str], int] = defaultdict(int)
-    now = time.time_ns() // 1000
-    rows = []
-    for pos, msg in enumerate(decoded, start=1):
+    def __init__(self) -> None:
+        from jetledger.worker.times import to_micros
+
+        self._micros = to_micros
+        self.events: list[tuple[Any, ...]] = []
+        self.tenants: dict[str, int] = {}
+        self.kinds: dict[str, int] = {}
+        self.streams: dict[tuple[str, str], list[int]] = {}  # -> [stream_id, head_seq]
+        self.stream_names: dict[int, tuple[int, str]] = {}  # stream_id -> (tenant_id, name)
+        self.kind_names: dict[int, str] = {}
+        self.tenant_names: dict[int, str] = {}
+        self.now = time.time_ns() // 1000
+        self.position = 0
+        self._new: list[tuple[str, tuple[Any, ...]]] = []  # names not written yet
+
+    def add(self, ev: Any, js_seq: int, content_hash: bytes, body: bytes) -> None:
+        tid = self.tenants.get(ev.tenant)
+        if tid is None:
+            tid = self.tenants[ev.tenant] = len(self.tenants) + 1
+            self.tenant_names[tid] = ev.tenant
+            self._new.append((_INSERT_TENANT, (tid, ev.tenant)))
+        kid = self.kinds.get(ev.kind)
+        if kid is None:
+            kid = self.kinds[ev.kind] = len(self.kinds) + 1
+            self.kind_names[kid] = ev.kind
+            self._new.append((_INSERT_KIND, (kid, ev.kind)))
+        self.position += 1
+        head = self.streams.get((ev.tenant, ev.stream))
+        if head is None:
+            head = self.streams[(ev.tenant, ev.stream)] = [len(self.streams) + 1, 0]
+            self.stream_names[head[0]] = (tid, ev.stream)
+            self._new.append((_INSERT_STREAM, (head[0], tid, ev.stream, 1, self.position,
+                                               self.position, ev.kind, self.now, self.now)))
+        head[1] += 1
+        self.events.append((self.position, tid, ev.id, head[0], head[1], kid,
+                            self._micros(ev.occurred_at), self.now, ev.correlation_id,
+                            ev.causation_id, js_seq, content_hash, body))
+
+    def new_names(self, streams: bool) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """(statement, rows) that write the names added since the last call: tenants and
+        kinds, and with `streams` a plain stream row for each new stream (for callers that
+        do not keep stream heads up to date)."""
+        by_sql: dict[str, list[tuple[Any, ...]]] = {}
+        for sql, row in self._new:
+            if streams or sql != _INSERT_STREAM:
+                by_sql.setdefault(sql, []).append(row)
+        self._new.clear()
+        return list(by_sql.items())
+
+
+def _rows(decoded: list[Any]) -> LedgerRows:
+    rows = LedgerRows()
+    for msg in decoded:
         cand = msg.events[0]
-        ev = cand.event
-        heads[(ev.tenant, ev.stream)] += 1
-        rows.append((pos, ev.tenant, ev.id, ev.stream, heads[(ev.tenant, ev.stream)], ev.kind,
-                     to_micros(ev.occurred_at), now, ev.correlation_id, ev.causation_id,
-                     msg.js_seq, cand.content_hash, cand.body))
+        rows.add(cand.event, msg.js_seq, cand.content_hash, cand.body)
     return rows
 
 
@@ -504,8 +545,8 @@ def child_storage(job: StorageJob) -> dict[str, Any]:
 
 # The writer's statements, spelled out here so the benchmark does not import private names.
 _INSERT_EVENT = (
-    "INSERT INTO events (position, tenant, id, stream, seq, kind, occurred_at, recorded_at,"
-    " correlation_id, causation_id, js_seq, content_hash, body)"
+    "INSERT INTO events (position, tenant_id, id, stream_id, seq, kind_id, occurred_at,"
+    " recorded_at, correlation_id, causation_id, js_seq, content_hash, body)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _UPSERT_STATE = (
@@ -513,11 +554,18 @@ _UPSERT_STATE = (
     " ON CONFLICT (js_stream) DO UPDATE SET last_js_seq=max(last_js_seq, excluded.last_js_seq),"
     " ack_floor=max(ack_floor, excluded.ack_floor)"
 )
+_INSERT_TENANT = "INSERT INTO tenants (tenant_id, tenant) VALUES (?,?)"
+_INSERT_KIND = "INSERT INTO kinds (kind_id, kind) VALUES (?,?)"
+_INSERT_STREAM = (
+    "INSERT INTO streams (stream_id, tenant_id, stream, head_seq, first_position,"
+    " last_position, last_kind, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
+)
 _UPSERT_STREAM = (
-    "INSERT INTO streams (tenant, stream, head_seq, first_position, last_position, last_kind,"
-    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (tenant, stream) DO UPDATE"
-    " SET head_seq=excluded.head_seq, last_position=excluded.last_position,"
-    " last_kind=excluded.last_kind, updated_at=excluded.updated_at"
+    "INSERT INTO streams (stream_id, tenant_id, stream, head_seq, first_position,"
+    " last_position, last_kind, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (stream_id) DO UPDATE SET head_seq=excluded.head_seq,"
+    " last_position=excluded.last_position, last_kind=excluded.last_kind,"
+    " updated_at=excluded.updated_at"
 )
 
 
@@ -533,26 +581,32 @@ def _open_ledger(path: str, synchronous: str | None = None) -> sqlite3.Connectio
     return conn
 
 
-def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """One batch as the writer's transaction shapes it: events, stream heads, ingest state."""
-    touched = {(r[1], r[3]): r for r in rows}  # last row of each stream in the batch
+def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]],
+                 names: LedgerRows) -> None:
+    """One batch as the writer's transaction shapes it: names new to the file, events,
+    stream heads, ingest state. `rows` are the last ones added to `names`."""
+    touched = {r[3]: r for r in rows}  # last row of each stream in the batch
     conn.execute("BEGIN IMMEDIATE")
+    for sql, new in names.new_names(streams=False):
+        conn.executemany(sql, new)
     conn.executemany(_INSERT_EVENT, rows)
-    conn.executemany(_UPSERT_STREAM, [(r[1], r[3], r[4], r[0], r[0], r[5], r[7], r[7])
-                                      for r in touched.values()])
+    conn.executemany(_UPSERT_STREAM, [
+        (r[3], r[1], names.stream_names[r[3]][1], r[4], r[0], r[0], names.kind_names[r[5]],
+         r[7], r[7]) for r in touched.values()])
     conn.execute(_UPSERT_STATE, ("JETLEDGER", rows[-1][10], 0))
     conn.execute("COMMIT")
 
 
-def _storage_raw(job: StorageJob, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+def _storage_raw(job: StorageJob, rows: LedgerRows) -> dict[str, Any]:
     conn = _open_ledger(job.db_path)
+    events = rows.events
     t0 = time.monotonic()
-    for i in range(0, len(rows), job.batch):
-        _write_batch(conn, rows[i:i + job.batch])
+    for i in range(0, len(events), job.batch):
+        _write_batch(conn, events[i:i + job.batch], rows)
     seconds = time.monotonic() - t0
     sync = conn.execute("PRAGMA synchronous").fetchone()[0]
     conn.close()
-    return {"seconds": seconds, "n": len(rows), "synchronous": sync}
+    return {"seconds": seconds, "n": len(events), "synchronous": sync}
 
 
 async def _storage_writer(job: StorageJob, decoded: list[Any]) -> dict[str, Any]:
@@ -569,7 +623,7 @@ async def _storage_writer(job: StorageJob, decoded: list[Any]) -> dict[str, Any]
     return {"seconds": seconds, "n": len(decoded)}
 
 
-def _storage_eventsourcing(job: StorageJob, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+def _storage_eventsourcing(job: StorageJob, rows: LedgerRows) -> dict[str, Any]:
     try:
         from eventsourcing.persistence import StoredEvent
         from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
@@ -577,8 +631,9 @@ def _storage_eventsourcing(job: StorageJob, rows: list[tuple[Any, ...]]) -> dict
         return {"error": "eventsourcing is not installed (pip install 'jetledger[bench]')"}
     # Its idiomatic mapping: one aggregate per (tenant, stream), version = seq, topic = kind,
     # state = the same canonical body bytes. Text ids: ours are not UUIDs.
-    stored = [StoredEvent(originator_id=f"{r[1]}/{r[3]}", originator_version=r[4], topic=r[5],
-                          state=r[12]) for r in rows]
+    stored = [StoredEvent(originator_id=f"{rows.tenant_names[r[1]]}/{rows.stream_names[r[3]][1]}",
+                          originator_version=r[4], topic=rows.kind_names[r[5]], state=r[12])
+              for r in rows.events]
     datastore = SQLiteDatastore(job.db_path, originator_id_type="text")
     recorder = SQLiteApplicationRecorder(datastore)
     recorder.create_table()
@@ -712,27 +767,23 @@ def child_build_ledger(job: BuildJob) -> dict[str, Any]:
     with synchronous=OFF since this is set-up, not measurement; positions, seqs, stream heads
     and hashes are as the worker would write them."""
     from jetledger.schemas.codec import canonical_bytes
-    from jetledger.worker.times import to_micros
+    from jetledger.worker.schema import SCHEMA_VERSION
 
     conn = _open_ledger(job.db_path, synchronous="OFF")
-    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')")
-    heads: dict[tuple[str, str], int] = defaultdict(int)
-    now = time.time_ns() // 1000
+    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                 (str(SCHEMA_VERSION),))
     t0 = time.monotonic()
-    rows: list[tuple[Any, ...]] = []
+    rows = LedgerRows()
     mix = EventMix(job.seed, job.n, start=datetime.fromtimestamp(job.start, UTC),
                    span=LEDGER_SPAN)
     for pos, ev in enumerate(mix, start=1):
         body = canonical_bytes(ev)
-        heads[(ev.tenant, ev.stream)] += 1
-        rows.append((pos, ev.tenant, ev.id, ev.stream, heads[(ev.tenant, ev.stream)], ev.kind,
-                     to_micros(ev.occurred_at), now, ev.correlation_id, ev.causation_id, pos,
-                     hashlib.sha256(body).digest(), body))
-        if len(rows) == 20_000:
-            _write_batch(conn, rows)
-            rows = []
-    if rows:
-        _write_batch(conn, rows)
+        rows.add(ev, pos, hashlib.sha256(body).digest(), body)
+        if len(rows.events) == 20_000:
+            _write_batch(conn, rows.events, rows)
+            rows.events.clear()
+    if rows.events:
+        _write_batch(conn, rows.events, rows)
     # The worker resumes from the ledger's own record; no JetStream position belongs to it.
     conn.execute("DELETE FROM ingest_state")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -767,15 +818,14 @@ async def _faststream(job: FastStreamJob) -> dict[str, Any]:
 
     from jetledger.schemas import Event
     from jetledger.worker.schema import DDL, PRAGMAS
-    from jetledger.worker.times import to_micros
 
     decoder = msgspec.msgpack.Decoder(Event)
     db = await aiosqlite.connect(job.db_path, isolation_level=None)
     for pragma in PRAGMAS:
         await db.execute(pragma)
     await db.executescript(DDL)
-    heads: dict[tuple[str, str], int] = defaultdict(int)
-    state = {"n": 0, "pos": 0, "t0": 0.0}
+    ledger = LedgerRows()
+    state = {"n": 0, "t0": 0.0}
     errors: list[str] = []
     done = asyncio.Event()
     broker = NatsBroker(job.url, logger=None)
@@ -791,17 +841,15 @@ async def _faststream(job: FastStreamJob) -> dict[str, Any]:
     async def store(msg: Any) -> None:
         if not state["t0"]:
             state["t0"] = time.monotonic()
-        now = time.time_ns() // 1000
-        rows = []
+        ledger.now = time.time_ns() // 1000
         for raw in msg.raw_message:
-            ev = decoder.decode(raw.data)
-            heads[(ev.tenant, ev.stream)] += 1
-            state["pos"] += 1
-            rows.append((state["pos"], ev.tenant, ev.id, ev.stream, heads[(ev.tenant, ev.stream)],
-                         ev.kind, to_micros(ev.occurred_at), now, ev.correlation_id,
-                         ev.causation_id, raw.metadata.sequence.stream,
-                         hashlib.sha256(raw.data).digest(), raw.data))
+            ledger.add(decoder.decode(raw.data), raw.metadata.sequence.stream,
+                       hashlib.sha256(raw.data).digest(), raw.data)
+        rows = ledger.events[:]
+        ledger.events.clear()
         await db.execute("BEGIN IMMEDIATE")
+        for sql, new in ledger.new_names(streams=True):
+            await db.executemany(sql, new)
         await db.executemany(_INSERT_EVENT, rows)
         await db.execute("COMMIT")
         state["n"] += len(rows)
@@ -1285,14 +1333,16 @@ class Bench:
 
     def _explain(self, db: Path, start: float, windows: dict[str, float]) -> None:
         """The query plan SQLite picks for the benchmark's page query (for the notes)."""
+        from jetledger.schemas.queries import EventsQuery
+        from jetledger.worker.reader import events_sql
+
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            lo = int(start * 1e6)
-            hi = lo + int(windows[QUERY_KINDS[0]] * 1e6)
-            plan = conn.execute(
-                "EXPLAIN QUERY PLAN SELECT body, seq, position, recorded_at, js_seq FROM events"
-                " WHERE tenant = ? AND kind IN (?) AND occurred_at >= ? AND occurred_at <= ?"
-                " ORDER BY position ASC LIMIT ?", ("acme", QUERY_KINDS[0], lo, hi, 101)).fetchall()
+            since = datetime.fromtimestamp(start, UTC)
+            sql, params = events_sql("acme", EventsQuery(
+                kinds=[QUERY_KINDS[0]], time_from=since,
+                time_to=since + timedelta(seconds=windows[QUERY_KINDS[0]]), limit=100))
+            plan = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
             self.r["query_plan"] = [row[-1] for row in plan]
         finally:
             conn.close()

@@ -106,11 +106,17 @@ def check_ledger(db_path: Path) -> LedgerReport:
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
     positions = [r[0] for r in query(db_path, "SELECT position FROM events ORDER BY position")]
     assert positions == list(range(1, len(positions) + 1)), "positions have gaps"
+    # Every event names a tenant, kind and stream that exist, and its stream is its tenant's.
+    assert query(db_path, "SELECT count(*) FROM named_events") == [(len(positions),)]
+    assert query(db_path, "SELECT count(*) FROM events AS e JOIN streams AS s"
+                          " ON s.stream_id = e.stream_id WHERE s.tenant_id != e.tenant_id"
+                 ) == [(0,)], "an event's stream belongs to another tenant"
     per_stream: dict[tuple[str, str], list[int]] = {}
     last_position: dict[tuple[str, str], int] = {}
     for tenant, stream, seq, position in query(
         db_path,
-        "SELECT tenant, stream, seq, position FROM events ORDER BY tenant, stream, position",
+        "SELECT tenant, stream, seq, position FROM named_events"
+        " ORDER BY tenant, stream, position",
     ):
         per_stream.setdefault((tenant, stream), []).append(seq)
         last_position[(tenant, stream)] = position
@@ -119,14 +125,14 @@ def check_ledger(db_path: Path) -> LedgerReport:
     heads = {
         (t, s): (h, last)
         for t, s, h, last in query(
-            db_path, "SELECT tenant, stream, head_seq, last_position FROM streams"
+            db_path, "SELECT tenant, stream, head_seq, last_position FROM named_streams"
         )
     }
     assert set(heads) == set(per_stream)
     for key, seqs in per_stream.items():
         assert heads[key][0] == len(seqs), f"head of {key} is {heads[key][0]}, not {len(seqs)}"
         assert heads[key][1] == last_position[key], f"last_position of {key} is stale"
-    ids = {(t, i) for t, i in query(db_path, "SELECT tenant, id FROM events")}
+    ids = {(t, i) for t, i in query(db_path, "SELECT tenant, id FROM named_events")}
     assert len(ids) == len(positions), "an event id is stored twice"
     (rejections,) = query(db_path, "SELECT count(*) FROM rejections")[0]
     return LedgerReport(len(positions), rejections, len(per_stream), ids)
@@ -579,16 +585,17 @@ def verify(
     v = Verdict(events=report.events, rejections=report.rejections)
     stored: dict[tuple[str, str], str] = {
         (t, i): bytes(h).hex()
-        for t, i, h in query(db_path, "SELECT tenant, id, content_hash FROM events")
+        for t, i, h in query(db_path, "SELECT tenant, id, content_hash FROM named_events")
     }
     (dups,) = query(db_path, "SELECT count(*) - count(DISTINCT tenant || char(0) || id) "
-                             "FROM events")[0]
+                             "FROM named_events")[0]
     v.duplicated = int(dups)
     rejected = query(db_path, "SELECT js_seq, tenant, event_id, code FROM rejections")
     # Commit order is JetStream order: within a stream, seqs follow JetStream seqs.
     prev: tuple[str, str, int] | None = None
     for tenant, stream, seq, js_seq in query(
-        db_path, "SELECT tenant, stream, seq, js_seq FROM events ORDER BY tenant, stream, seq"
+        db_path,
+        "SELECT tenant, stream, seq, js_seq FROM named_events ORDER BY tenant, stream, seq",
     ):
         if prev is not None and prev[:2] == (tenant, stream) and js_seq < prev[2]:
             v.out_of_order.append((tenant, stream, seq))

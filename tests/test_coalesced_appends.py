@@ -70,7 +70,7 @@ async def test_many_concurrent_appends_become_few_messages_each_with_its_own_res
         else:
             assert r.outcome == "accepted"
     stored = {row[0]: row[1:] for row in query(
-        worker.db_path, "SELECT id, stream, seq, position, js_seq FROM events")}
+        worker.db_path, "SELECT id, stream, seq, position, js_seq FROM named_events")}
     for e, r in zip(events, waited, strict=True):
         assert stored[e.id][3] == r.js_seq  # the message it really travelled in
         if r.outcome == "inserted":

@@ -88,7 +88,7 @@ async def test_single_node_config_serves_a_least_privilege_worker_and_keeps_tena
         assert "does not fsync" not in log
         lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
         assert lines and all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
-        rows = query(tmp_path / "ledger" / "ledger.db", "SELECT tenant, id FROM events")
+        rows = query(tmp_path / "ledger" / "ledger.db", "SELECT tenant, id FROM named_events")
         assert ("acme", stored["id"]) in rows and {t for t, _ in rows} == {"acme"}
     finally:
         server.stop()

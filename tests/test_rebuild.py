@@ -26,9 +26,9 @@ from jetledger.client import (
 )
 
 EVENTS = ("SELECT position, tenant, id, stream, seq, kind, occurred_at, correlation_id,"
-          " causation_id, js_seq, content_hash, body FROM events ORDER BY position")
+          " causation_id, js_seq, content_hash, body FROM named_events ORDER BY position")
 STREAMS = ("SELECT tenant, stream, head_seq, first_position, last_position, last_kind"
-           " FROM streams ORDER BY tenant, stream")
+           " FROM named_streams ORDER BY tenant, stream")
 REJECTIONS = ("SELECT js_seq, subject, tenant, event_id, code, reason, raw, headers,"
               " existing_hash, new_hash FROM rejections ORDER BY js_seq")
 STATE = "SELECT js_stream, last_js_seq FROM ingest_state"

@@ -201,15 +201,48 @@ def _head(row: Any) -> StreamHead:
     )
 
 
+# Names are resolved inside the one statement (each read is one snapshot), by uncorrelated
+# subqueries that SQLite runs once, each a search of a unique index; the result then bounds
+# the events index like a bound parameter did. An unknown name gives NULL: matches nothing.
+_TENANT_ID: Final = "(SELECT tenant_id FROM tenants WHERE tenant = ?)"
+_STREAM_ID: Final = (
+    f"(SELECT stream_id FROM streams WHERE tenant_id = {_TENANT_ID} AND stream = ?)")
+
+
+def _kind_ids(kinds: list[str]) -> str:
+    # One scalar subquery per kind: the planner then knows the ids are as many as the names
+    # (as with `kind IN (?,?)`). `IN (SELECT ... WHERE kind IN (?,?))` it guesses holds ~25,
+    # and with one kind it cannot see the `=` that `kind IN (?)` became: it then walked
+    # (tenant_id, occurred_at) or (tenant_id, position) where v2 searched the kind's range.
+    one = "(SELECT kind_id FROM kinds WHERE kind = ?)"
+    if len(kinds) == 1:
+        return f"kind_id = {one}"
+    return f"kind_id IN ({','.join([one] * len(kinds))})"
+
+
+# Statements of fixed shape (module level, so tests can EXPLAIN them).
+_GET_SQL: Final = f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant_id = {_TENANT_ID} AND id = ?"
+_HEAD_SQL: Final = (f"SELECT {_STREAM_COLUMNS}, stream_id FROM streams"
+                    f" WHERE tenant_id = {_TENANT_ID} AND stream = ?")
+# By the id from the head's read: an id never changes nor moves to another stream, and events
+# 1 and head.seq are there for good, whatever was committed in between.
+_ENDS_SQL: Final = (f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = ?"
+                    " AND seq IN (1, ?) ORDER BY seq")
+_STATS_SQL: Final = ("SELECT coalesce(sum(head_seq), 0), count(*), max(last_position),"
+                     f" max(updated_at) FROM streams WHERE tenant_id = {_TENANT_ID}")
+
+
 def events_sql(tenant: str, q: EventsQuery) -> tuple[str, list[Any]]:
     """The one statement an events query runs (pure, so tests can EXPLAIN it)."""
-    where = ["tenant = ?"]
+    where = [f"tenant_id = {_TENANT_ID}"]
     params: list[Any] = [tenant]
     if q.stream is not None:
-        where.append("stream = ?")
-        params.append(q.stream)
+        # The tenant stays bounded too (redundant): the planner keeps the choices it had
+        # with (tenant, stream, seq), e.g. walking (tenant_id, occurred_at) in order.
+        where.append(f"stream_id = {_STREAM_ID}")
+        params.extend((tenant, q.stream))
     if q.kinds:
-        where.append(f"kind IN ({','.join('?' * len(q.kinds))})")
+        where.append(_kind_ids(q.kinds))
         params.extend(q.kinds)
     if q.correlation_id is not None:
         where.append("correlation_id = ?")
@@ -245,7 +278,7 @@ def events_sql(tenant: str, q: EventsQuery) -> tuple[str, list[Any]]:
             where.append(f"position {cmp} ?")
             params.extend(_decode_cursor("e", q.cursor))
         # Within one stream, seq and position rise together; ordering by seq lets
-        # SQLite walk the (tenant, stream, seq) index instead of sorting.
+        # SQLite walk the (stream_id, seq) index instead of sorting.
         order = f"{'seq' if q.stream is not None else 'position'} {direction}"
     sql = (
         f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
@@ -255,7 +288,8 @@ def events_sql(tenant: str, q: EventsQuery) -> tuple[str, list[Any]]:
 
 
 def streams_sql(tenant: str, q: StreamsQuery) -> tuple[str, list[Any]]:
-    where = ["tenant = ?"]
+    # last_kind is still a name in streams (no kinds subquery): the listing returns it.
+    where = [f"tenant_id = {_TENANT_ID}"]
     params: list[Any] = [tenant]
     if q.last_kinds:
         where.append(f"last_kind IN ({','.join('?' * len(q.last_kinds))})")
@@ -382,9 +416,7 @@ class LedgerReader:
         """A `StoredEvent`, encoded."""
 
         def one(conn: sqlite3.Connection) -> bytes:
-            rows: list[Row] = _rows(
-                conn, f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant = ? AND id = ?",
-                [tenant, event_id])
+            rows: list[Row] = _rows(conn, _GET_SQL, [tenant, event_id])
             if not rows:
                 raise NotFound(f"no event with id {event_id!r} in tenant {tenant!r}")
             if content_type == JSON:
@@ -394,16 +426,15 @@ class LedgerReader:
         return await self._run(one)
 
     async def head(self, tenant: str, stream: str) -> StreamHead:
-        return await self._run(lambda conn: self._head_of(conn, tenant, stream))
+        return await self._run(lambda conn: self._head_of(conn, tenant, stream)[1])
 
     @staticmethod
-    def _head_of(conn: sqlite3.Connection, tenant: str, stream: str) -> StreamHead:
-        rows = _rows(conn,
-                     f"SELECT {_STREAM_COLUMNS} FROM streams WHERE tenant = ? AND stream = ?",
-                     [tenant, stream])
+    def _head_of(conn: sqlite3.Connection, tenant: str, stream: str) -> tuple[int, StreamHead]:
+        """The stream's id and head."""
+        rows = _rows(conn, _HEAD_SQL, [tenant, stream])
         if not rows:
             raise NotFound(f"stream {stream!r} has no events in tenant {tenant!r}")
-        return _head(rows[0])
+        return rows[0][7], _head(rows[0])
 
     async def streams(self, tenant: str, q: StreamsQuery) -> StreamsPage:
         """Ordered by creation (first_position): a stream's place never moves, so a cursor
@@ -418,12 +449,8 @@ class LedgerReader:
         """A `StreamRecord`, encoded."""
 
         def record(conn: sqlite3.Connection) -> bytes:
-            head = self._head_of(conn, tenant, stream)
-            rows: list[Row] = _rows(
-                conn,
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE tenant = ? AND stream = ?"
-                " AND seq IN (1, ?) ORDER BY seq",
-                [tenant, stream, head.seq])
+            stream_id, head = self._head_of(conn, tenant, stream)
+            rows: list[Row] = _rows(conn, _ENDS_SQL, [stream_id, head.seq])
             first, last = rows[0], rows[-1]
             if content_type == JSON:
                 return encode(StreamRecord(head=head, first=stored_event(first),
@@ -439,10 +466,7 @@ class LedgerReader:
         events): one row per stream read, never a scan of the events."""
 
         def counts(conn: sqlite3.Connection) -> TenantStats:
-            events, streams, last_position, last_at = _rows(
-                conn,
-                "SELECT coalesce(sum(head_seq), 0), count(*), max(last_position),"
-                " max(updated_at) FROM streams WHERE tenant = ?", [tenant])[0]
+            events, streams, last_position, last_at = _rows(conn, _STATS_SQL, [tenant])[0]
             (rejections,) = _rows(
                 conn, "SELECT count(*) FROM rejections WHERE tenant = ?", [tenant])[0]
             return TenantStats(

@@ -62,10 +62,10 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(slots=True)
 class _Head:
+    stream_id: int
     seq: int
     first_position: int
     created_at: int
-    is_new: bool = False
 
 
 @dataclass(slots=True)
@@ -77,16 +77,23 @@ class _Existing:
 
 
 _INSERT_EVENT = (
-    "INSERT INTO events (position, tenant, id, stream, seq, kind, occurred_at, recorded_at,"
-    " correlation_id, causation_id, js_seq, content_hash, body)"
+    "INSERT INTO events (position, tenant_id, id, stream_id, seq, kind_id, occurred_at,"
+    " recorded_at, correlation_id, causation_id, js_seq, content_hash, body)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _UPSERT_STREAM = (
-    "INSERT INTO streams (tenant, stream, head_seq, first_position, last_position, last_kind,"
-    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (tenant, stream) DO UPDATE SET head_seq=excluded.head_seq,"
+    "INSERT INTO streams (stream_id, tenant_id, stream, head_seq, first_position,"
+    " last_position, last_kind, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (stream_id) DO UPDATE SET head_seq=excluded.head_seq,"
     " last_position=excluded.last_position, last_kind=excluded.last_kind,"
     " updated_at=excluded.updated_at"
+)
+# Where new ids start: read inside the write lock with the position, in one statement.
+_NEXT_IDS = (
+    "SELECT (SELECT coalesce(max(position), 0) FROM events),"
+    " (SELECT coalesce(max(stream_id), 0) FROM streams),"
+    " (SELECT coalesce(max(tenant_id), 0) FROM tenants),"
+    " (SELECT coalesce(max(kind_id), 0) FROM kinds)"
 )
 _INSERT_REJECTION = (
     "INSERT OR IGNORE INTO rejections (js_seq, item, subject, tenant, event_id, code, reason,"
@@ -103,6 +110,47 @@ _UPSERT_STATE = (
 )
 
 
+class _Names:
+    """One dictionary table (tenants, kinds): name -> integer id, in `ids`. An id once
+    committed never changes, so `ids` keeps them for the writer's life. Ids given inside a
+    transaction are in `ids` too, and are taken out again if it rolls back."""
+
+    def __init__(self, table: str, name: str) -> None:
+        self.ids: dict[str, int] = {}
+        self._new: list[tuple[int, str]] = []
+        self._next = 1
+        self._lookup = f"SELECT {name}, {name}_id FROM {table} WHERE {name} IN ({{marks}})"
+        self.insert = f"INSERT INTO {table} ({name}_id, {name}) VALUES (?,?)"
+
+    async def begin(self, db: aiosqlite.Connection, names: dict[str, None], last_id: int) -> None:
+        """Inside the write lock: the ids of `names` not known yet, from the file (committed
+        by this writer before it started, or by another); new ids count from `last_id`."""
+        self._next = last_id + 1
+        missing = [(name,) for name in names if name not in self.ids]
+        for sql, params in _lookups(self._lookup, missing):
+            for name, id_ in await db.execute_fetchall(sql, params):
+                self.ids[name] = id_
+
+    def add(self, name: str) -> int:
+        """A new id for `name`, to be inserted with the transaction (`new`)."""
+        id_ = self.ids[name] = self._next
+        self._next += 1
+        self._new.append((id_, name))
+        return id_
+
+    @property
+    def new(self) -> list[tuple[int, str]]:
+        return self._new
+
+    def committed(self) -> None:
+        self._new = []
+
+    def rolled_back(self) -> None:
+        for _, name in self._new:
+            del self.ids[name]
+        self._new = []
+
+
 class LedgerWriter:
     """Owns the write connection. Create with `await LedgerWriter.open(...)`."""
 
@@ -117,6 +165,9 @@ class LedgerWriter:
         # instead of by SQLite's autocheckpoint inside COMMIT on the write path.
         self._checkpointer = checkpointer
         self._checkpoint: asyncio.Task[None] | None = None
+        self._tenants = _Names("tenants", "tenant")
+        self._kinds = _Names("kinds", "kind")
+        self._last_ids = (0, 0, 0)  # stream, tenant, kind: the highest in the file
 
     @classmethod
     async def open(
@@ -160,8 +211,10 @@ class LedgerWriter:
                 await self._db.close()
 
     async def _load_position(self) -> None:
-        rows = await self._db.execute_fetchall("SELECT coalesce(max(position), 0) FROM events")
-        self._position = int(next(iter(rows))[0])
+        rows = await self._db.execute_fetchall(_NEXT_IDS)
+        position, stream_id, tenant_id, kind_id = next(iter(rows))
+        self._position = int(position)
+        self._last_ids = (int(stream_id), int(tenant_id), int(kind_id))
 
     async def ingest_state(self) -> tuple[int, int]:
         """(last committed JetStream seq, recorded ack floor) for this ledger's stream."""
@@ -195,8 +248,12 @@ class LedgerWriter:
             outcomes = await self._write(batch)
             await self._db.execute("COMMIT")
         except BaseException:
+            self._tenants.rolled_back()
+            self._kinds.rolled_back()
             await self._rollback()
             raise
+        self._tenants.committed()
+        self._kinds.committed()
         self._checkpoint = asyncio.create_task(_checkpoint(self._checkpointer))
         return outcomes
 
@@ -215,8 +272,12 @@ class LedgerWriter:
             pass  # SQLite may have rolled back already (disk full does that)
 
     async def _existing(self, batch: list[Decoded]) -> dict[tuple[str, str], _Existing]:
-        # dict.fromkeys: in order, each (tenant, id) once (a batch may repeat one).
-        wanted = dict.fromkeys((c.event.tenant, c.event.id) for m in batch for c in m.events)
+        # dict.fromkeys: in order, each (tenant, id) once (a batch may repeat one). A tenant
+        # without an id has no events yet.
+        tenant_ids = self._tenants.ids
+        wanted = dict.fromkeys(
+            (tid, c.event.id) for m in batch for c in m.events
+            if (tid := tenant_ids.get(c.event.tenant)) is not None)
         found: dict[tuple[str, str], _Existing] = {}
         for sql, params in _lookups(_EXISTING, list(wanted)):
             for row in await self._db.execute_fetchall(sql, params):
@@ -233,19 +294,30 @@ class LedgerWriter:
         return found
 
     async def _heads(self, batch: list[Decoded]) -> dict[tuple[str, str], _Head]:
-        wanted = dict.fromkeys((c.event.tenant, c.event.stream) for m in batch for c in m.events)
+        tenant_ids = self._tenants.ids
+        wanted = dict.fromkeys(
+            (tid, c.event.stream) for m in batch for c in m.events
+            if (tid := tenant_ids.get(c.event.tenant)) is not None)
         heads: dict[tuple[str, str], _Head] = {}
         for sql, params in _lookups(_HEADS, list(wanted)):
             for row in await self._db.execute_fetchall(sql, params):
-                heads[(row[0], row[1])] = _Head(row[2], row[3], row[4])
+                heads[(row[0], row[1])] = _Head(row[2], row[3], row[4], row[5])
         return heads
 
     async def _write(self, batch: list[Decoded]) -> list[list[Outcome]]:
         now = time.time_ns() // 1000
+        last_stream_id, last_tenant_id, last_kind_id = self._last_ids
+        await self._tenants.begin(
+            self._db, dict.fromkeys(c.event.tenant for m in batch for c in m.events),
+            last_tenant_id)
+        await self._kinds.begin(
+            self._db, dict.fromkeys(c.event.kind for m in batch for c in m.events), last_kind_id)
         existing = await self._existing(batch)
         heads = await self._heads(batch)
         decided = await self._decided(batch)
         position = self._position
+        tenants, tenant_ids = self._tenants, self._tenants.ids
+        kinds, kind_ids = self._kinds, self._kinds.ids
         event_rows: list[tuple[Any, ...]] = []
         rejection_rows: list[tuple[Any, ...]] = []
         touched: dict[tuple[str, str], tuple[int, str]] = {}  # -> (last position, last kind)
@@ -253,18 +325,21 @@ class LedgerWriter:
         max_js = 0
 
         def insert(msg: Decoded, cand: Candidate, seq: int) -> Outcome:
-            nonlocal position
+            nonlocal position, last_stream_id
             ev = cand.event
             position += 1
+            skey = (ev.tenant, ev.stream)
+            head = heads.get(skey)
+            if head is None:
+                last_stream_id += 1
+                head = heads[skey] = _Head(last_stream_id, 0, position, now)
+            head.seq = seq
             event_rows.append((
-                position, ev.tenant, ev.id, ev.stream, seq, ev.kind,
+                position, tenant_ids.get(ev.tenant) or tenants.add(ev.tenant), ev.id,
+                head.stream_id, seq, kind_ids.get(ev.kind) or kinds.add(ev.kind),
                 to_micros(ev.occurred_at), now, ev.correlation_id, ev.causation_id,
                 msg.js_seq, cand.content_hash, cand.body,
             ))
-            skey = (ev.tenant, ev.stream)
-            if skey not in heads:
-                heads[skey] = _Head(0, position, now, is_new=True)
-            heads[skey].seq = seq
             touched[skey] = (position, ev.kind)
             existing[(ev.tenant, ev.id)] = _Existing(cand.content_hash, ev.stream, seq, position)
             return Outcome(id=ev.id, outcome="inserted", stream=ev.stream, seq=seq,
@@ -381,14 +456,18 @@ class LedgerWriter:
                 outs.append(insert(msg, cand, seq))
             results.append(outs)
 
+        for names in (tenants, kinds):
+            if names.new:
+                await self._db.executemany(names.insert, names.new)
         if event_rows:
             await self._db.executemany(_INSERT_EVENT, event_rows)
         if touched:
-            await self._db.executemany(_UPSERT_STREAM, [
-                (t, s, heads[(t, s)].seq, heads[(t, s)].first_position, last, kind,
-                 heads[(t, s)].created_at, now)
-                for (t, s), (last, kind) in touched.items()
-            ])
+            stream_rows = []
+            for (tenant, stream), (last, kind) in touched.items():
+                h = heads[(tenant, stream)]
+                stream_rows.append((h.stream_id, tenant_ids[tenant], stream, h.seq,
+                                    h.first_position, last, kind, h.created_at, now))
+            await self._db.executemany(_UPSERT_STREAM, stream_rows)
         if rejection_rows:
             await self._db.executemany(_INSERT_REJECTION, rejection_rows)
         floor = self._pending_floor
@@ -429,14 +508,17 @@ def _chunks(items: list[T], size: int) -> list[list[T]]:
 # The (tenant, key) pairs come as a VALUES list; CROSS JOIN keeps it the outer loop, so each
 # pair is one search of the unique index (`(tenant, id) IN (VALUES ...)` scans the table).
 _EXISTING = (
-    "SELECT e.tenant, e.id, e.content_hash, e.stream, e.seq, e.position"
+    "SELECT t.tenant, e.id, e.content_hash, s.stream, e.seq, e.position"
     " FROM (VALUES {marks}) AS v CROSS JOIN events AS e"
-    " ON e.tenant = v.column1 AND e.id = v.column2"
+    " ON e.tenant_id = v.column1 AND e.id = v.column2"
+    " CROSS JOIN streams AS s ON s.stream_id = e.stream_id"
+    " CROSS JOIN tenants AS t ON t.tenant_id = e.tenant_id"
 )
 _HEADS = (
-    "SELECT s.tenant, s.stream, s.head_seq, s.first_position, s.created_at"
+    "SELECT t.tenant, s.stream, s.stream_id, s.head_seq, s.first_position, s.created_at"
     " FROM (VALUES {marks}) AS v CROSS JOIN streams AS s"
-    " ON s.tenant = v.column1 AND s.stream = v.column2"
+    " ON s.tenant_id = v.column1 AND s.stream = v.column2"
+    " CROSS JOIN tenants AS t ON t.tenant_id = s.tenant_id"
 )
 _DECIDED = "SELECT js_seq, item, code, reason, event_id FROM rejections WHERE js_seq IN ({marks})"
 
@@ -569,6 +651,10 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
         raise StorageError(f"{path} has ledger schema version {version}; this jetledger "
                            f"knows up to {SCHEMA_VERSION}: upgrade jetledger")
     while version < SCHEMA_VERSION:
+        # Said before it starts: a step may rewrite every event (seconds per million rows).
+        log.warning("migrating ledger %s from schema version %d to %d", path, version,
+                    version + 1)
+        started = time.monotonic()
         await db.execute("BEGIN IMMEDIATE")
         try:
             for statement in MIGRATIONS[version]:
@@ -582,3 +668,5 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
             with contextlib.suppress(sqlite3.Error):
                 await db.execute("ROLLBACK")
             raise
+        log.warning("ledger %s is at schema version %d (%.1f s)", path, version,
+                    time.monotonic() - started)
