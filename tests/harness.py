@@ -111,6 +111,9 @@ def check_ledger(db_path: Path) -> LedgerReport:
     assert query(db_path, "SELECT count(*) FROM events AS e JOIN streams AS s"
                           " ON s.stream_id = e.stream_id WHERE s.tenant_id != e.tenant_id"
                  ) == [(0,)], "an event's stream belongs to another tenant"
+    for table, key in (("tenants", "tenant_id"), ("kinds", "kind_id"), ("streams", "stream_id")):
+        assert query(db_path, f"SELECT count(*) FROM {table} WHERE {key} NOT IN"
+                              f" (SELECT {key} FROM events)") == [(0,)], f"{table} without events"
     per_stream: dict[tuple[str, str], list[int]] = {}
     last_position: dict[tuple[str, str], int] = {}
     for tenant, stream, seq, position in query(

@@ -55,15 +55,22 @@ async def test_names_of_a_rolled_back_batch_are_written_again_by_the_next(
         conn.execute("DROP TRIGGER refuse")
         conn.commit()
         conn.close()
+        # Other new names first: they take the ids the rolled-back batch had given.
+        other = new_event(tenant="other", stream="run-1", kind="review", data={})
+        (first,) = await writer.commit(_messages([other], 5))
         outcomes = await writer.commit(_messages(refused, 2))
     finally:
         await writer.close()
+    assert [(o.outcome, o.seq, o.position) for o in first] == [("inserted", 1, 2)]
     assert [(o.outcome, o.seq, o.position) for (o,) in outcomes] == [
-        ("inserted", 1, 2), ("inserted", 1, 3), ("inserted", 2, 4)]
-    # Every stored event joins to its names (check_ledger counts named_events), each name once.
-    assert check_ledger(db).events == 4
+        ("inserted", 1, 3), ("inserted", 1, 4), ("inserted", 2, 5)]
+    # Every stored event joins to its names (check_ledger counts named_events, and finds no
+    # name without events), each name once.
+    assert check_ledger(db).events == 5
     assert query(db, "SELECT tenant, id, stream, seq, kind FROM named_events ORDER BY position"
-                 ) == [(ev.tenant, ev.id, ev.stream, 1 if i < 3 else 2, ev.kind)
-                       for i, ev in enumerate([old, *refused])]
-    assert sorted(query(db, "SELECT tenant FROM tenants")) == [("acme",), ("newco",)]
-    assert sorted(query(db, "SELECT kind FROM kinds")) == [("plan",), ("step",), ("tool_call",)]
+                 ) == [(ev.tenant, ev.id, ev.stream, seq, ev.kind)
+                       for ev, seq in zip([old, other, *refused], [1, 1, 1, 1, 2], strict=True)]
+    assert query(db, "SELECT tenant_id, tenant FROM tenants ORDER BY tenant_id") == [
+        (1, "acme"), (2, "other"), (3, "newco")]
+    assert sorted(query(db, "SELECT kind FROM kinds")) == [
+        ("plan",), ("review",), ("step",), ("tool_call",)]

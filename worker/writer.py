@@ -182,11 +182,7 @@ class LedgerWriter:
             for pragma in PRAGMAS:
                 await db.execute(pragma)
             await _migrate(db, path)
-            await db.executescript(DDL)
-            await db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            await _create(db)
             checkpointer = await _open_checkpointer(path, busy_timeout_ms)
             try:
                 await db.execute("PRAGMA wal_autocheckpoint=0")
@@ -334,9 +330,14 @@ class LedgerWriter:
                 last_stream_id += 1
                 head = heads[skey] = _Head(last_stream_id, 0, position, now)
             head.seq = seq
+            tenant_id = tenant_ids.get(ev.tenant)
+            if tenant_id is None:
+                tenant_id = tenants.add(ev.tenant)
+            kind_id = kind_ids.get(ev.kind)
+            if kind_id is None:
+                kind_id = kinds.add(ev.kind)
             event_rows.append((
-                position, tenant_ids.get(ev.tenant) or tenants.add(ev.tenant), ev.id,
-                head.stream_id, seq, kind_ids.get(ev.kind) or kinds.add(ev.kind),
+                position, tenant_id, ev.id, head.stream_id, seq, kind_id,
                 to_micros(ev.occurred_at), now, ev.correlation_id, ev.causation_id,
                 msg.js_seq, cand.content_hash, cand.body,
             ))
@@ -626,6 +627,19 @@ def _rejection_row(
             raw if raw is not None else msg.raw, headers, existing_hash, new_hash, now)
 
 
+async def _create(db: aiosqlite.Connection) -> None:
+    """The layout and its version row in one transaction (no-ops on a file that has them): a
+    crash in between would leave a file that later starts take for version 1."""
+    try:
+        await db.executescript(
+            f"BEGIN IMMEDIATE;\n{DDL}\nINSERT OR IGNORE INTO meta (key, value)"
+            f" VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+        raise
+
+
 async def _file_version(db: aiosqlite.Connection) -> int | None:
     """The schema version of an existing ledger file; None for a new (empty) one."""
     async with db.execute(
@@ -670,3 +684,5 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
             raise
         log.warning("ledger %s is at schema version %d (%.1f s)", path, version,
                     time.monotonic() - started)
+    # A step can leave a WAL as large as the file: give the space back now.
+    await db.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
