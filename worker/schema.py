@@ -34,9 +34,10 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 
 -- Names are stored once, in a dictionary table each, and the events and their indexes hold
--- integer keys: index entries a third smaller, so a commit writes a third fewer WAL frames
--- and inserts 1.1-1.6x faster (docs/performance.md, round 6). An id, once given to a name,
--- never changes: readers resolve names inside their one statement.
+-- integer keys: smaller index entries, so a commit writes fewer pages (a third fewer WAL
+-- frames in the prototype) and the storage path inserts 1.2-2.1x faster (docs/performance.md,
+-- round 6). An id, once given to a name, never changes: readers resolve names inside their
+-- one statement.
 CREATE TABLE IF NOT EXISTS tenants (
     tenant_id INTEGER PRIMARY KEY,
     tenant    TEXT    NOT NULL UNIQUE
