@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import msgspec
 
-from jetledger.schemas import Outcome
+from jetledger.schemas import Event, Outcome
 from jetledger.schemas.errors import ConflictError, ExpectedSeqMismatch, JetledgerError
 
 from .ingest import BadItem, Candidate, Decoded
@@ -267,13 +267,12 @@ class LedgerWriter:
         except sqlite3.Error:
             pass  # SQLite may have rolled back already (disk full does that)
 
-    async def _existing(self, batch: list[Decoded]) -> dict[tuple[str, str], _Existing]:
+    async def _existing(self, events: list[Event]) -> dict[tuple[str, str], _Existing]:
         # dict.fromkeys: in order, each (tenant, id) once (a batch may repeat one). A tenant
         # without an id has no events yet.
         tenant_ids = self._tenants.ids
-        wanted = dict.fromkeys(
-            (tid, c.event.id) for m in batch for c in m.events
-            if (tid := tenant_ids.get(c.event.tenant)) is not None)
+        wanted = dict.fromkeys((tid, ev.id) for ev in events
+                               if (tid := tenant_ids.get(ev.tenant)) is not None)
         found: dict[tuple[str, str], _Existing] = {}
         for sql, params in _lookups(_EXISTING, list(wanted)):
             for row in await self._db.execute_fetchall(sql, params):
@@ -289,11 +288,10 @@ class LedgerWriter:
                 found[(row[0], row[1])] = (row[2], row[3], row[4])
         return found
 
-    async def _heads(self, batch: list[Decoded]) -> dict[tuple[str, str], _Head]:
+    async def _heads(self, events: list[Event]) -> dict[tuple[str, str], _Head]:
         tenant_ids = self._tenants.ids
-        wanted = dict.fromkeys(
-            (tid, c.event.stream) for m in batch for c in m.events
-            if (tid := tenant_ids.get(c.event.tenant)) is not None)
+        wanted = dict.fromkeys((tid, ev.stream) for ev in events
+                               if (tid := tenant_ids.get(ev.tenant)) is not None)
         heads: dict[tuple[str, str], _Head] = {}
         for sql, params in _lookups(_HEADS, list(wanted)):
             for row in await self._db.execute_fetchall(sql, params):
@@ -303,13 +301,12 @@ class LedgerWriter:
     async def _write(self, batch: list[Decoded]) -> list[list[Outcome]]:
         now = time.time_ns() // 1000
         last_stream_id, last_tenant_id, last_kind_id = self._last_ids
-        await self._tenants.begin(
-            self._db, dict.fromkeys(c.event.tenant for m in batch for c in m.events),
-            last_tenant_id)
-        await self._kinds.begin(
-            self._db, dict.fromkeys(c.event.kind for m in batch for c in m.events), last_kind_id)
-        existing = await self._existing(batch)
-        heads = await self._heads(batch)
+        events = [c.event for m in batch for c in m.events]  # every lookup walks these
+        await self._tenants.begin(self._db, dict.fromkeys(ev.tenant for ev in events),
+                                  last_tenant_id)
+        await self._kinds.begin(self._db, dict.fromkeys(ev.kind for ev in events), last_kind_id)
+        existing = await self._existing(events)
+        heads = await self._heads(events)
         decided = await self._decided(batch)
         position = self._position
         tenants, tenant_ids = self._tenants, self._tenants.ids
