@@ -11,7 +11,8 @@ One run, one machine, one event mix. Every figure below comes from this run:
   faststream         a FastStream JetStream pull subscriber + aiosqlite (the glue a user writes)
   naive worker       fetch one, insert, commit, ack
   end to end         producers publishing through LedgerClient (pipelined) while the shipped
-                     worker (a `jetledger worker` subprocess) persists: first publish -> last commit
+                     worker (a `jetledger worker` subprocess) persists: first publish -> last commit;
+                     and the CPU time per event of the worker, the producers and nats-server
   latency            publish -> committed (append(wait=True)) at fixed offered rates
   queries            100-event pages (tenant + kind + time range) over a ledger of N events,
                      concurrency 1 and 32, with and without concurrent ingest
@@ -55,7 +56,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import msgspec
 
@@ -328,12 +329,13 @@ async def _publish(job: PublishJob, events: list[Any]) -> dict[str, Any]:
                 errors[type(exc).__name__] += 1
 
     try:
-        t_first = time.monotonic()
+        t_first, cpu_first = time.monotonic(), time.process_time()
         await asyncio.gather(*(pump() for _ in range(job.window)))
-        t_last = time.monotonic()
+        t_last, cpu = time.monotonic(), time.process_time() - cpu_first
     finally:
         await client.close()
-    return {"t_first": t_first, "t_last": t_last, "n": len(events), "errors": dict(errors)}
+    return {"t_first": t_first, "t_last": t_last, "n": len(events), "errors": dict(errors),
+            "cpu_s": cpu}
 
 
 async def _publish_raw(job: PublishJob, events: list[Any]) -> dict[str, Any]:
@@ -990,6 +992,23 @@ def summary(values: Sequence[float], unit: str) -> dict[str, Any]:
             "unit": unit}
 
 
+class Published(NamedTuple):
+    t_first: float  # first publish
+    t_last: float  # last PubAck
+    errors: dict[str, int]
+    producers_cpu_s: float  # the producer processes' CPU while publishing (LedgerClient only)
+
+
+def proc_cpu_s(pid: int | None) -> float | None:
+    """CPU time (user + system) a process has used so far, from /proc; None without it."""
+    if pid is None:
+        return None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def cpu_ticks() -> dict[str, int]:
     """The whole machine's CPU time so far (/proc/stat, all cores), by state; empty where
     there is no /proc."""
@@ -1066,6 +1085,8 @@ class Bench:
     r: dict[str, Any] = field(default_factory=dict)  # the JSON results
     notes: list[str] = field(default_factory=list)
     workers: list[WorkerProc] = field(default_factory=list)
+    server_pid: int | None = None
+    cpu_per_event: dict[str, float] = field(default_factory=dict)  # the last ingest_run's
 
     async def child(self, fn: Callable[[Any], T], job: Any) -> T:
         assert self.pool is not None
@@ -1086,8 +1107,8 @@ class Bench:
 
     async def publish(self, prefix: str, seed: int, n: int, *, batch: int = 1,
                       raw: bool = False,
-                      coalesce: bool = True) -> tuple[float, float, dict[str, int]]:
-        """Run the producers (child processes); (first publish, last PubAck, errors)."""
+                      coalesce: bool = True) -> Published:
+        """Run the producers (child processes) and wait for the last PubAck."""
         shares = [n // self.producers + (1 if i < n % self.producers else 0)
                   for i in range(self.producers)]
         outs = await asyncio.gather(*(
@@ -1097,7 +1118,8 @@ class Bench:
         errors: Counter[str] = Counter()
         for o in outs:
             errors.update(o["errors"])
-        return min(o["t_first"] for o in outs), max(o["t_last"] for o in outs), dict(errors)
+        return Published(min(o["t_first"] for o in outs), max(o["t_last"] for o in outs),
+                         dict(errors), sum(o.get("cpu_s", 0.0) for o in outs))
 
     # -- sections --------------------------------------------------------------------------
 
@@ -1138,15 +1160,15 @@ class Bench:
         bus, pub, raw, naive, fast = [], [], [], [], []
         for rep in range(p.reps):
             await self.ensure_stream(f"raw{rep}", f"RAW{rep}")
-            t_first, t_last, _ = await self.publish(f"raw{rep}", 1000 + rep, p.bus_events,
-                                                    raw=True)
+            t_first, t_last, _, _ = await self.publish(f"raw{rep}", 1000 + rep,
+                                                       p.bus_events, raw=True)
             raw.append(p.bus_events / (t_last - t_first))
             prefix, stream = f"bus{rep}", f"BUS{rep}"
             await self.ensure_stream(prefix, stream)
             # One message per event: the consumers below count messages, and the ceilings
             # are those of the bus carrying the mix one event per message.
-            t_first, t_last, errors = await self.publish(prefix, 1000 + rep, p.bus_events,
-                                                         coalesce=False)
+            t_first, t_last, errors, _ = await self.publish(prefix, 1000 + rep, p.bus_events,
+                                                            coalesce=False)
             self._check(errors, "prefill")
             pub.append(p.bus_events / (t_last - t_first))
             out = await self.child(child_consume, ConsumeJob(
@@ -1189,17 +1211,28 @@ class Bench:
 
     async def ingest_run(self, prefix: str, seed: int, n: int, counter: CommitCounter,
                          alongside: Awaitable[Any] | None = None,
-                         batch: int = 1, coalesce: bool = True) -> tuple[float, Any]:
+                         batch: int = 1, coalesce: bool = True,
+                         worker: WorkerProc | None = None) -> tuple[float, Any]:
         """Publish n events and wait until all are committed; events/s first publish -> last
-        commit, and the result of `alongside` (a concurrent load) if given."""
+        commit, and the result of `alongside` (a concurrent load) if given. With `worker`,
+        also records the CPU each process spent per event in `self.cpu_per_event`."""
         base = counter.count
+        before = {"worker": proc_cpu_s(worker.pid) if worker else None,
+                  "nats_server": proc_cpu_s(self.server_pid)}
         timeout = max(120.0, n / 500)
         pub = asyncio.ensure_future(self.publish(prefix, seed, n, batch=batch,
                                                  coalesce=coalesce))
         other = asyncio.ensure_future(alongside) if alongside is not None else None
-        t_first, _, errors = await pub
+        t_first, _, errors, producers_cpu = await pub
         self._check(errors, prefix)
         t_commit = await counter.reached(base + n, timeout)
+        if worker is not None:
+            after = {"worker": proc_cpu_s(worker.pid), "nats_server": proc_cpu_s(self.server_pid)}
+            used = {"producers": producers_cpu}
+            for proc, start in before.items():
+                end = after[proc]
+                used[proc] = end - start if end is not None and start is not None else math.nan
+            self.cpu_per_event = {k: v / n * 1e6 for k, v in used.items()}
         side = await other if other is not None else None
         return n / (t_commit - t_first), side
 
@@ -1212,7 +1245,7 @@ class Bench:
         stream = prefix.upper()
         await self.ensure_stream(prefix, stream)
         # Set-up, not measurement: the fastest way in is the bus's own publish_async.
-        _, _, errors = await self.publish(prefix, seed, n, raw=True)
+        _, _, errors, _ = await self.publish(prefix, seed, n, raw=True)
         self._check(errors, f"{prefix} backlog")
         counter = CommitCounter(self.nc, prefix)
         await counter.start()
@@ -1241,7 +1274,8 @@ class Bench:
         p = self.profile
         for key, batch, coalesce in (("e2e_eps", 1, True), ("e2e_single_eps", 1, False),
                                      ("e2e_batch_eps", E2E_BATCH, True)):
-            vals = []
+            vals: list[float] = []
+            cpu: list[dict[str, float]] = []
             for rep in range(p.reps):
                 prefix = f"e2e{batch}{'c' if coalesce else 's'}x{rep}"
                 w = await self.worker(prefix, prefix, prefix.upper())
@@ -1250,13 +1284,18 @@ class Bench:
                 spy = (self._py_spy(w, key) if rep == 0 and self.profile_dir is not None
                        else None)
                 rate, _ = await self.ingest_run(prefix, 3000 + rep, p.e2e_events, counter,
-                                                batch=batch, coalesce=coalesce)
+                                                batch=batch, coalesce=coalesce, worker=w)
                 if spy is not None:
                     await self._py_spy_done(spy, key, counter.count)
                 vals.append(rate)
+                if spy is None:  # py-spy's own sampling would be counted as the worker's
+                    cpu.append(self.cpu_per_event)
                 await counter.stop()
                 await w.stop()
             self.r[key] = summary(vals, "events/s")
+            if cpu:
+                self.r.setdefault("e2e_cpu_us_per_event", {})[key] = {
+                    proc: statistics.median(c[proc] for c in cpu) for proc in cpu[0]}
 
     async def latency(self) -> None:
         p = self.profile
@@ -1372,7 +1411,7 @@ class Bench:
         prefix = "mem"
         await self.ensure_stream(prefix, "MEM")
         # Set-up, not measurement: the fastest way in is the bus's own publish_async.
-        _, _, errors = await self.publish(prefix, 10_000, p.backlog_events, raw=True)
+        _, _, errors, _ = await self.publish(prefix, 10_000, p.backlog_events, raw=True)
         self._check(errors, "backlog")
         counter = CommitCounter(self.nc, prefix)
         await counter.start()
@@ -1438,6 +1477,7 @@ class Bench:
                                              sync_always=self.server_sync == "always"))
         server.start()
         self.url = server.url
+        self.server_pid = server.pid
         ctx = multiprocessing.get_context("spawn")
         self.pool = ProcessPoolExecutor(max_workers=self.producers + 1, mp_context=ctx)
         try:
@@ -1707,6 +1747,21 @@ def render(r: dict[str, Any]) -> str:
     lines.append("ratios (medians of this run):")
     for key, value in r["ratios"].items():
         lines.append(f"  {key:<34} {'n/a' if value is None else f'{value:.2f}'}")
+    cpu = r.get("e2e_cpu_us_per_event", {})
+    if cpu:
+        lines.append("")
+        lines.append("CPU per event in the end-to-end runs (µs, medians; each process's own "
+                     "CPU time / events, steal excluded):")
+        lines.append(f"  {'':<28} {'worker':>8} {'producers':>10} {'nats-server':>12} "
+                     f"{'sum':>8}")
+        for key, label in (("e2e_eps", "coalesced (the default)"),
+                           ("e2e_single_eps", "coalescing off"),
+                           ("e2e_batch_eps", f"append_batch({E2E_BATCH})")):
+            c = cpu.get(key)
+            if c:
+                total = sum(c.values())
+                lines.append(f"  {label:<28} {c['worker']:8.1f} {c['producers']:10.1f} "
+                             f"{c['nats_server']:12.1f} {total:8.1f}")
     for key, prof in r.get("profile", {}).items():
         lines.append("")
         lines.append(f"worker profile during {key} (py-spy, {prof['events']:,} events; "

@@ -55,7 +55,7 @@ RESULT_KEYS = {
     "e2e_single_eps", "e2e_batch_eps", "latency", "ledger_build", "query_windows_s", "queries",
     "growth_n_eps", "growth_n_events", "ingest_under_queries_eps", "growth_long_eps",
     "growth_backlog", "growth_drain_0_eps", "growth_drain_n_eps", "growth_drain_n_stored",
-    "memory", "query_plan", "ratios", "box",
+    "memory", "query_plan", "ratios", "box", "e2e_cpu_us_per_event",
 }
 RATIO_KEYS = {
     "e2e_over_bus_ceiling", "e2e_batch_over_bus_ceiling", "e2e_over_coalescing_off",
@@ -91,6 +91,14 @@ def test_quick_mode_completes_and_reports_everything(tmp_path: Path) -> None:
     assert {"c1_idle", "c32_idle", "c1_ingest", "c32_ingest"} <= results["queries"].keys()
     assert {"c1", "c32"} <= results["ingest_under_queries_eps"].keys()
     assert {"worker_peak_rss_mb", "drain_eps", "backlog_events"} <= results["memory"].keys()
+    # Where the CPU of each end-to-end variant went, per process (read from /proc).
+    if Path("/proc/self/stat").exists():
+        cpu = results["e2e_cpu_us_per_event"]
+        assert cpu.keys() == {"e2e_eps", "e2e_single_eps", "e2e_batch_eps"}, cpu
+        for variant in cpu.values():
+            assert variant.keys() == {"worker", "producers", "nats_server"}, variant
+            assert all(us > 0 for us in variant.values()), variant
+        assert "CPU per event in the end-to-end runs" in proc.stdout
     # How busy the box was, and how much of it the hypervisor took, during each section
     # (read from /proc/stat: on a machine without it the shares are left out).
     sections = {"bus", "storage", "e2e", "latency", "queries", "growth", "memory"}
