@@ -298,13 +298,11 @@ class LedgerClient:
         With coalescing on, the event may travel in a bundle with other appends of its
         tenant; its result and its errors are its own, as if it had gone alone (except
         that a publish error or an unknown outcome of the bundle is every member's)."""
-        event = self._validate(event)
+        event, item = self._validate(event)
         tenant = event.tenant
         subject = self._event_subject(tenant, event.kind)
         if not self.coalesce:
-            return (await self._send(subject, encode(event, self._ct), tenant, [event], wait,
-                                     timeout))[0]
-        item = encode(event, self._ct)
+            return (await self._send(subject, item, tenant, [event], wait, timeout))[0]
         self._check_size(len(item), subject, wait)  # before it can join a bundle
         lane = self._lanes.get(tenant)
         if lane is None:
@@ -473,7 +471,7 @@ class LedgerClient:
             raise InvalidInput("append_batch needs at least one event")
         if len(events) > MAX_BATCH_EVENTS:
             raise InvalidInput(f"a batch holds at most {MAX_BATCH_EVENTS} events")
-        checked = [self._validate(e) for e in events]
+        checked = [self._validate(e)[0] for e in events]
         tenants = {e.tenant for e in checked}
         if len(tenants) != 1:
             raise InvalidInput("all events of a batch must belong to one tenant")
@@ -481,15 +479,19 @@ class LedgerClient:
         return await self._send(subject, encode(EventBatch(events=checked), self._ct),
                                 checked[0].tenant, checked, wait, timeout)
 
-    def _validate(self, event: Event) -> Event:
-        # Exactly the worker's rules: encode, then decode with validation.
+    def _validate(self, event: Event) -> tuple[Event, bytes]:
+        """The event as the worker will see it, and the bytes to send: exactly the worker's
+        rules, applied to exactly those bytes (the MessagePack ones are sent as checked, not
+        encoded a second time)."""
         try:
-            decoded = decode(encode(event), Event)
+            raw = encode(event)
+            decoded = decode(raw, Event)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise InvalidEvent(f"event {event.id!r} is not valid: {exc}") from None
         except TypeError as exc:
             raise InvalidEvent(f"event {event.id!r} cannot be encoded: {exc}") from None
-        return normalize_event(decoded)
+        normalized = normalize_event(decoded)
+        return normalized, raw if self._ct == MSGPACK else encode(normalized, self._ct)
 
     async def _send(
         self,

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 
-from .envelope import MAX_BATCH_EVENTS, Event, EventBatch
+from .envelope import MAX_BATCH_EVENTS, Event, EventBatch, check_envelope_tokens
 from .errors import InvalidEvent
 from .payloads import payload_type
 
@@ -78,10 +78,12 @@ def decode(data: bytes, type_: type[T], content_type: str = MSGPACK) -> T:
 
 
 def normalize_event(event: Event, *, strict: bool = False) -> Event:
-    """Validate `data` against the kind's payload type; returns the event with typed data.
+    """Check the tokens of a decoded envelope and validate `data` against the kind's payload
+    type; returns the event with typed data.
 
     Raises `InvalidEvent` saying what is wrong. In strict mode unknown kinds are refused.
     """
+    check_envelope_tokens(event)
     cls = payload_type(event.kind)
     if cls is None:
         if strict:

@@ -77,6 +77,7 @@ async def test_each_event_of_a_bundle_is_decided_on_its_own(
         b'{"id":"bad","tenant":"acme","kind":"k"}',   # 6 rejected: not a valid envelope
         encode(_ev("a"), JSON),                       # 7 duplicate of item 1
         encode(_ev("n", "t", expected_seq=0), JSON),  # 8 inserted, t:1
+        encode(msgspec.structs.replace(_ev("dot"), kind="k.x"), JSON),  # 9 rejected: kind
     ]
     js_seq, outs = await _publish(worker.url, "jetledger.batch.acme", _bundle(items))
     assert outs is not None
@@ -89,6 +90,7 @@ async def test_each_event_of_a_bundle_is_decided_on_its_own(
         ("bad", "rejected", "invalid_event", None, None),
         ("a", "duplicate", None, "s", 2),
         ("n", "inserted", None, "t", 1),
+        ("dot", "rejected", "invalid_event", None, None),
     ]
     assert outs[4].actual_seq == 3
     assert [o.position for o in outs if o.outcome == "inserted"] == [2, 3, 4]
@@ -99,17 +101,19 @@ async def test_each_event_of_a_bundle_is_decided_on_its_own(
         (js_seq, 2, "jetledger.batch.acme", "acme", "orig", "conflict"),
         (js_seq, 5, "jetledger.batch.acme", "acme", "c", "expected_seq_mismatch"),
         (js_seq, 6, "jetledger.batch.acme", "acme", "bad", "invalid_event"),
+        (js_seq, 9, "jetledger.batch.acme", "acme", "dot", "invalid_event"),
     ]
-    assert [r[7] for r in rows] == [items[1], items[4], items[5]]  # each event's own bytes
+    assert [r[7] for r in rows] == [items[1], items[4], items[5], items[8]]  # its own bytes
     assert (rows[0][8], rows[0][9]) == (_hash(stored), _hash(conflicting))
     assert "is at seq 3, not at the expected 0" in rows[1][6]
     assert "missing required field" in rows[2][6]
+    assert "kind 'k.x' is not valid" in rows[3][6]
     assert check_ledger(worker.db_path).events == 4
     # The query side shows each refused event of the bundle.
     page = await ledger.rejections(order="asc")
     assert [(r.js_seq, r.event_id, r.code) for r in page.rejections] == \
         [(js_seq, "orig", "conflict"), (js_seq, "c", "expected_seq_mismatch"),
-         (js_seq, "bad", "invalid_event")]
+         (js_seq, "bad", "invalid_event"), (js_seq, "dot", "invalid_event")]
 
 
 async def test_a_bundle_naming_another_tenant_or_not_decoding_is_rejected_whole(

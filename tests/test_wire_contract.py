@@ -16,11 +16,13 @@ from jetledger.schemas import (
     MSGPACK,
     PAYLOADS,
     Event,
+    InvalidEvent,
     InvalidToken,
     StepStarted,
     Subjects,
     decode_event,
     encode,
+    envelope,
     wire_schema,
 )
 from jetledger.schemas.jsonschema import WIRE_TYPES
@@ -73,6 +75,25 @@ def test_msgpack_and_json_encodings_decode_to_the_same_event() -> None:
     from_msgpack = decode_event(encode(event, MSGPACK), MSGPACK)
     from_json = decode_event(encode(event, JSON), JSON)
     assert from_msgpack == from_json == event
+
+
+@pytest.mark.parametrize("content_type", [MSGPACK, JSON])
+def test_tenant_and_kind_must_be_subject_tokens_however_many_good_ones_came_before(
+    content_type: str,
+) -> None:
+    """The token check runs once per distinct value (not msgspec's regex on every decode):
+    what it remembers is bounded, and an invalid value is refused every time."""
+    ok = Event(id="e1", tenant="acme", kind="k", stream="s",
+               occurred_at=datetime(2026, 1, 1, tzinfo=UTC))
+    for i in range(envelope._MAX_CHECKED_TOKENS + 10):
+        decode_event(encode(msgspec.structs.replace(ok, kind=f"k{i}"), content_type),
+                     content_type)
+    assert len(envelope._CHECKED_TOKENS) <= envelope._MAX_CHECKED_TOKENS
+    for field in ("tenant", "kind"):
+        for bad in ("has space", "k.x", "", "x" * 65, "ü"):
+            with pytest.raises(InvalidEvent, match=f"^{field} .* is not valid: use 1-64"):
+                decode_event(encode(msgspec.structs.replace(ok, **{field: bad}), content_type),
+                             content_type)
 
 
 def test_schema_evolution_old_readers_ignore_new_fields_new_readers_default_missing() -> None:
