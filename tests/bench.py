@@ -282,8 +282,8 @@ def _load(events: list[Any], run: Callable[[list[Any]], Awaitable[T]]) -> T:
     """Run a load generator over its pre-built input with that input out of the cyclic
     garbage collector's sight. Real producers make events as they go and hold few; a child
     holding 40k-1M of them paid full collections over all of them, stalls of ~40 ms that
-    showed up as publish->commit latency (p99 at 5k/s 83-99 ms, 42-58 ms with the input
-    frozen). The worker freezes its start-up heap the same way (worker/cli.py)."""
+    showed up as publish->commit latency (the latency section's p99 at 5k/s: 98-126 ms, then
+    72-95 ms with the input frozen). The worker freezes its start-up heap the same way."""
     gc.collect()
     gc.freeze()
     try:
