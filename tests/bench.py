@@ -1099,7 +1099,6 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     workers: list[WorkerProc] = field(default_factory=list)
     server_pid: int | None = None
-    cpu_per_event: dict[str, float] = field(default_factory=dict)  # the last ingest_run's
 
     async def child(self, fn: Callable[[Any], T], job: Any) -> T:
         assert self.pool is not None
@@ -1225,10 +1224,11 @@ class Bench:
     async def ingest_run(self, prefix: str, seed: int, n: int, counter: CommitCounter,
                          alongside: Awaitable[Any] | None = None,
                          batch: int = 1, coalesce: bool = True,
-                         worker: WorkerProc | None = None) -> tuple[float, Any]:
+                         worker: WorkerProc | None = None
+                         ) -> tuple[float, Any, dict[str, float]]:
         """Publish n events and wait until all are committed; events/s first publish -> last
-        commit, and the result of `alongside` (a concurrent load) if given. With `worker`,
-        also records the CPU each process spent per event in `self.cpu_per_event`."""
+        commit, the result of `alongside` (a concurrent load) if given, and with `worker` the
+        CPU each process spent per event (µs; empty without it)."""
         base = counter.count
         before = {"worker": proc_cpu_s(worker.pid) if worker else None,
                   "nats_server": proc_cpu_s(self.server_pid)}
@@ -1239,15 +1239,16 @@ class Bench:
         t_first, _, errors, producers_cpu = await pub
         self._check(errors, prefix)
         t_commit = await counter.reached(base + n, timeout)
+        cpu_us: dict[str, float] = {}
         if worker is not None:
             after = {"worker": proc_cpu_s(worker.pid), "nats_server": proc_cpu_s(self.server_pid)}
             used = {"producers": producers_cpu}
             for proc, start in before.items():
                 end = after[proc]
                 used[proc] = end - start if end is not None and start is not None else math.nan
-            self.cpu_per_event = {k: v / n * 1e6 for k, v in used.items()}
+            cpu_us = {k: v / n * 1e6 for k, v in used.items()}
         side = await other if other is not None else None
-        return n / (t_commit - t_first), side
+        return n / (t_commit - t_first), side, cpu_us
 
     async def drain(self, name: str, prefix: str, seed: int,
                     n: int) -> tuple[float, WorkerProc, CommitCounter]:
@@ -1296,13 +1297,14 @@ class Bench:
                 await counter.start()
                 spy = (self._py_spy(w, key) if rep == 0 and self.profile_dir is not None
                        else None)
-                rate, _ = await self.ingest_run(prefix, 3000 + rep, p.e2e_events, counter,
-                                                batch=batch, coalesce=coalesce, worker=w)
+                rate, _, cpu_us = await self.ingest_run(
+                    prefix, 3000 + rep, p.e2e_events, counter, batch=batch, coalesce=coalesce,
+                    worker=w)
                 if spy is not None:
                     await self._py_spy_done(spy, key, counter.count)
                 vals.append(rate)
                 if spy is None:  # py-spy's own sampling would be counted as the worker's
-                    cpu.append(self.cpu_per_event)
+                    cpu.append(cpu_us)
                 await counter.stop()
                 await w.stop()
             self.r[key] = summary(vals, "events/s")
@@ -1354,14 +1356,14 @@ class Bench:
                 await self.child(child_queries, qjob(conc, p.query_seconds, conc)))
         growth = []
         for rep in range(p.reps):
-            rate, _ = await self.ingest_run("q", 6000 + rep, p.e2e_events, counter)
+            rate, _, _ = await self.ingest_run("q", 6000 + rep, p.e2e_events, counter)
             growth.append(rate)
         self.r["growth_n_eps"] = summary(growth, "events/s")
         self.r["growth_n_events"] = n
         under: dict[str, Any] = {}
         expected = p.e2e_events / (statistics.median(growth) or 1.0)
         for conc in (1, 32):
-            rate, side = await self.ingest_run(
+            rate, side, _ = await self.ingest_run(
                 "q", 7000 + conc, p.e2e_events, counter,
                 alongside=self.child(child_queries, qjob(conc, expected, 100 + conc)))
             q[f"c{conc}_ingest"] = self._query_stats(side)
