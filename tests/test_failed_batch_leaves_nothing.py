@@ -6,10 +6,15 @@ written.
 
 The refusal is a real SQLite error raised inside the writer's transaction (a trigger on the
 file aborts the insert of one event), after the new names were given ids.
+
+A caller that gives up (a stop, a timeout) does not split a transaction either: it ends on the
+writer's thread, whole or not at all, and the batch, never acked, settles when it comes back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -74,3 +79,26 @@ async def test_names_of_a_rolled_back_batch_are_written_again_by_the_next(
         (1, "acme"), (2, "other"), (3, "newco")]
     assert sorted(query(db, "SELECT kind FROM kinds")) == [
         ("plan",), ("review",), ("step",), ("tool_call",)]
+
+
+async def test_a_commit_whose_caller_gives_up_ends_whole_or_not_at_all(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    events = [new_event(tenant=f"t{i % 7}", stream=f"run-{i % 50}", kind=f"k{i % 5}",
+                        data={"i": i}) for i in range(20_000)]
+    batch = _messages(events, 1)
+    writer = await LedgerWriter.open(db, js_stream="JETLEDGER")
+    try:
+        task = asyncio.create_task(writer.commit(batch))
+        await asyncio.sleep(0.02)  # the transaction is on the writer's thread now
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+        # Never acked, so JetStream delivers the batch again: after whatever the cancelled
+        # transaction did, all of it is stored or none of it was.
+        outcomes = await writer.commit(batch)
+    finally:
+        await writer.close()
+    assert {o.outcome for outs in outcomes for o in outs} in ({"inserted"}, {"duplicate"})
+    assert check_ledger(db).events == len(events)
+    assert query(db, "SELECT count(*) FROM tenants") == [(7,)]

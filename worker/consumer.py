@@ -1,6 +1,6 @@
 """The ingest loop: fetch a batch, commit it in one transaction, then notify, then ack it.
 
-Sequential on purpose: fetching the next batch while one commits (in aiosqlite's thread) was
+Sequential on purpose: fetching the next batch while one commits (in the writer's thread) was
 measured 0.86x as fast on 2 cores shared with nats-server (no idle core to overlap on; more GIL
 hand-offs), so batches are fetched, committed and acked one at a time.
 

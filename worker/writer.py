@@ -3,7 +3,8 @@
 Per batch: BEGIN IMMEDIATE; look up existing ids and stream heads; decide each message's
 outcome (inserted / duplicate / conflict / rejected); write events, stream heads, rejections
 and the JetStream position; COMMIT. Any error rolls the whole batch back, and the caller
-must not ack: "nothing committed" is the only state a failed batch can leave behind.
+must not ack: "nothing committed" is the only state a failed batch can leave behind. The
+whole transaction is one call on the connection's own thread (`SqliteThread`).
 
 A single event or an atomic batch is decided as one unit; each event of a bundle on its own
 (in order, as if it were its own message), with a rejection row per refused event keyed by
@@ -13,7 +14,6 @@ A single event or an atomic batch is decided as one unit; each event of a bundle
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import sqlite3
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiosqlite
 import msgspec
 
 from jetledger.schemas import Event, Outcome
@@ -30,6 +29,7 @@ from jetledger.schemas.errors import ConflictError, ExpectedSeqMismatch, Jetledg
 
 from .ingest import BadItem, Candidate, Decoded
 from .schema import DDL, MIGRATIONS, PRAGMAS, SCHEMA_VERSION
+from .sqlite_thread import SqliteThread
 from .times import to_micros
 
 __all__ = ["LedgerWriter", "StorageError", "is_transient"]
@@ -122,13 +122,13 @@ class _Names:
         self._lookup = f"SELECT {name}, {name}_id FROM {table} WHERE {name} IN ({{marks}})"
         self.insert = f"INSERT INTO {table} ({name}_id, {name}) VALUES (?,?)"
 
-    async def begin(self, db: aiosqlite.Connection, names: dict[str, None], last_id: int) -> None:
+    def begin(self, db: sqlite3.Connection, names: dict[str, None], last_id: int) -> None:
         """Inside the write lock: the ids of `names` not known yet, from the file (committed
         by this writer before it started, or by another); new ids count from `last_id`."""
         self._next = last_id + 1
         missing = [(name,) for name in names if name not in self.ids]
         for sql, params in _lookups(self._lookup, missing):
-            for name, id_ in await db.execute_fetchall(sql, params):
+            for name, id_ in db.execute(sql, params).fetchall():
                 self.ids[name] = id_
 
     def add(self, name: str) -> int:
@@ -152,10 +152,12 @@ class _Names:
 
 
 class LedgerWriter:
-    """Owns the write connection. Create with `await LedgerWriter.open(...)`."""
+    """Owns the write connection. Create with `await LedgerWriter.open(...)`.
 
-    def __init__(self, db: aiosqlite.Connection, js_stream: str,
-                 checkpointer: aiosqlite.Connection) -> None:
+    A commit runs whole on the connection's thread (`_transaction`); the writer's state
+    (next ids, names) is only touched there, one commit at a time."""
+
+    def __init__(self, db: SqliteThread, js_stream: str, checkpointer: SqliteThread) -> None:
         self._db = db
         self._js_stream = js_stream
         self._position = 0
@@ -174,20 +176,15 @@ class LedgerWriter:
         cls, path: Path, *, js_stream: str, busy_timeout_ms: int = 5000
     ) -> LedgerWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves (a deferred transaction
-        # that upgrades to a write can fail with SQLITE_BUSY_SNAPSHOT, ignoring busy_timeout).
-        db = await aiosqlite.connect(path, isolation_level=None)
+        db = await SqliteThread.open(functools.partial(_connect, path, busy_timeout_ms),
+                                     "jetledger-writer")
         try:
-            await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            for pragma in PRAGMAS:
-                await db.execute(pragma)
-            await _migrate(db, path)
-            await _create(db)
-            checkpointer = await _open_checkpointer(path, busy_timeout_ms)
+            checkpointer = await SqliteThread.open(
+                functools.partial(_connect_checkpointer, path, busy_timeout_ms),
+                "jetledger-checkpoint")
             try:
-                await db.execute("PRAGMA wal_autocheckpoint=0")
                 writer = cls(db, js_stream, checkpointer)
-                await writer._load_position()
+                await db.run(writer._load_position)
             except BaseException:
                 await checkpointer.close()
                 raise
@@ -206,23 +203,21 @@ class LedgerWriter:
                 # The last connection to close checkpoints and removes the WAL.
                 await self._db.close()
 
-    async def _load_position(self) -> None:
-        rows = await self._db.execute_fetchall(_NEXT_IDS)
-        position, stream_id, tenant_id, kind_id = next(iter(rows))
+    def _load_position(self, db: sqlite3.Connection) -> None:
+        position, stream_id, tenant_id, kind_id = db.execute(_NEXT_IDS).fetchone()
         self._position = int(position)
         self._last_ids = (int(stream_id), int(tenant_id), int(kind_id))
 
     async def ingest_state(self) -> tuple[int, int]:
         """(last committed JetStream seq, recorded ack floor) for this ledger's stream."""
-        async with self._db.execute(
+        row = await self._db.run(lambda db: db.execute(
             "SELECT last_js_seq, ack_floor FROM ingest_state WHERE js_stream=?",
-            (self._js_stream,),
-        ) as cur:
-            row = await cur.fetchone()
+            (self._js_stream,)).fetchone())
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def note_ack_floor(self, floor: int) -> None:
-        """Record the consumer's ack floor with the next commit."""
+        """Record the consumer's ack floor with the next commit. (A commit running now reads
+        the old floor or this one: either is a floor, and the next commit records the max.)"""
         self._pending_floor = max(self._pending_floor, floor)
 
     async def commit(self, batch: list[Decoded]) -> list[list[Outcome]]:
@@ -233,24 +228,30 @@ class LedgerWriter:
         # A checkpoint that has copied the whole WAL lets this transaction restart the log
         # from its start: waiting for it keeps the WAL as small as autocheckpoint did.
         await self._checkpoint_done()
-        if self._db.in_transaction:
+        # If the caller is cancelled meanwhile, the transaction still ends, committed or
+        # rolled back, on its thread: unacked either way, so a redelivery settles it.
+        outcomes = await self._db.run(self._transaction, batch)
+        self._checkpoint = asyncio.create_task(_checkpoint(self._checkpointer))
+        return outcomes
+
+    def _transaction(self, db: sqlite3.Connection, batch: list[Decoded]) -> list[list[Outcome]]:
+        if db.in_transaction:
             # A ROLLBACK that failed (I/O error) left it open: BEGIN would fail forever.
-            await self._rollback()
-        await self._db.execute("BEGIN IMMEDIATE")
+            _rollback(db)
+        db.execute("BEGIN IMMEDIATE")
         try:
             # Read inside the write lock, not cached: after any failed commit the truth is
             # the file, so positions stay gap-free whatever was rolled back.
-            await self._load_position()
-            outcomes = await self._write(batch)
-            await self._db.execute("COMMIT")
+            self._load_position(db)
+            outcomes = self._write(db, batch)
+            db.execute("COMMIT")
         except BaseException:
             self._tenants.rolled_back()
             self._kinds.rolled_back()
-            await self._rollback()
+            _rollback(db)
             raise
         self._tenants.committed()
         self._kinds.committed()
-        self._checkpoint = asyncio.create_task(_checkpoint(self._checkpointer))
         return outcomes
 
     async def _checkpoint_done(self) -> None:
@@ -258,16 +259,12 @@ class LedgerWriter:
         if task is not None:
             # Never raises the task's outcome (it logs its own failure) and never cancels it:
             # a caller cancelled here leaves it running, ahead of anything else on its
-            # connection (aiosqlite runs one connection's calls in order).
+            # connection (a connection's thread runs its calls in order).
             await asyncio.wait((task,))
 
-    async def _rollback(self) -> None:
-        try:
-            await self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # SQLite may have rolled back already (disk full does that)
-
-    async def _existing(self, events: list[Event]) -> dict[tuple[str, str], _Existing]:
+    def _existing(
+        self, db: sqlite3.Connection, events: list[Event]
+    ) -> dict[tuple[str, str], _Existing]:
         # dict.fromkeys: in order, each (tenant, id) once (a batch may repeat one). A tenant
         # without an id has no events yet.
         tenant_ids = self._tenants.ids
@@ -275,39 +272,41 @@ class LedgerWriter:
                                if (tid := tenant_ids.get(ev.tenant)) is not None)
         found: dict[tuple[str, str], _Existing] = {}
         for sql, params in _lookups(_EXISTING, list(wanted)):
-            for row in await self._db.execute_fetchall(sql, params):
+            for row in db.execute(sql, params).fetchall():
                 found[(row[0], row[1])] = _Existing(row[2], row[3], row[4], row[5])
         return found
 
-    async def _decided(self, batch: list[Decoded]) -> dict[tuple[int, int], _Decision]:
+    def _decided(
+        self, db: sqlite3.Connection, batch: list[Decoded]
+    ) -> dict[tuple[int, int], _Decision]:
         """Rejections committed on an earlier delivery of this batch's messages, by
         (js_seq, item): item 0 is a whole message, n >= 1 the n-th event of a bundle."""
         found: dict[tuple[int, int], _Decision] = {}
         for sql, params in _lookups(_DECIDED, [(msg.js_seq,) for msg in batch]):
-            for row in await self._db.execute_fetchall(sql, params):
+            for row in db.execute(sql, params).fetchall():
                 found[(row[0], row[1])] = (row[2], row[3], row[4])
         return found
 
-    async def _heads(self, events: list[Event]) -> dict[tuple[str, str], _Head]:
+    def _heads(self, db: sqlite3.Connection, events: list[Event]) -> dict[tuple[str, str], _Head]:
         tenant_ids = self._tenants.ids
         wanted = dict.fromkeys((tid, ev.stream) for ev in events
                                if (tid := tenant_ids.get(ev.tenant)) is not None)
         heads: dict[tuple[str, str], _Head] = {}
         for sql, params in _lookups(_HEADS, list(wanted)):
-            for row in await self._db.execute_fetchall(sql, params):
+            for row in db.execute(sql, params).fetchall():
                 heads[(row[0], row[1])] = _Head(row[2], row[3], row[4], row[5])
         return heads
 
-    async def _write(self, batch: list[Decoded]) -> list[list[Outcome]]:
+    def _write(self, db: sqlite3.Connection, batch: list[Decoded]) -> list[list[Outcome]]:
         now = time.time_ns() // 1000
         last_stream_id, last_tenant_id, last_kind_id = self._last_ids
         events = [c.event for m in batch for c in m.events]  # every lookup walks these
-        await self._tenants.begin(self._db, dict.fromkeys(ev.tenant for ev in events),
+        self._tenants.begin(db, dict.fromkeys(ev.tenant for ev in events),
                                   last_tenant_id)
-        await self._kinds.begin(self._db, dict.fromkeys(ev.kind for ev in events), last_kind_id)
-        existing = await self._existing(events)
-        heads = await self._heads(events)
-        decided = await self._decided(batch)
+        self._kinds.begin(db, dict.fromkeys(ev.kind for ev in events), last_kind_id)
+        existing = self._existing(db, events)
+        heads = self._heads(db, events)
+        decided = self._decided(db, batch)
         position = self._position
         tenants, tenant_ids = self._tenants, self._tenants.ids
         kinds, kind_ids = self._kinds, self._kinds.ids
@@ -456,41 +455,66 @@ class LedgerWriter:
 
         for names in (tenants, kinds):
             if names.new:
-                await self._db.executemany(names.insert, names.new)
+                db.executemany(names.insert, names.new)
         if event_rows:
-            await self._db.executemany(_INSERT_EVENT, event_rows)
+            db.executemany(_INSERT_EVENT, event_rows)
         if touched:
             stream_rows = []
             for (tenant, stream), (last, kind) in touched.items():
                 h = heads[(tenant, stream)]
                 stream_rows.append((h.stream_id, tenant_ids[tenant], stream, h.seq,
                                     h.first_position, last, kind, h.created_at, now))
-            await self._db.executemany(_UPSERT_STREAM, stream_rows)
+            db.executemany(_UPSERT_STREAM, stream_rows)
         if rejection_rows:
-            await self._db.executemany(_INSERT_REJECTION, rejection_rows)
+            db.executemany(_INSERT_REJECTION, rejection_rows)
         floor = self._pending_floor
-        await self._db.execute(_UPSERT_STATE, (self._js_stream, max_js, floor))
+        db.execute(_UPSERT_STATE, (self._js_stream, max_js, floor))
         self._position = position
         return results
 
 
-async def _open_checkpointer(path: Path, busy_timeout_ms: int) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)
+def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    """The write connection, on its own thread: pragmas, migrations, layout."""
+    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves (a deferred transaction
+    # that upgrades to a write can fail with SQLITE_BUSY_SNAPSHOT, ignoring busy_timeout).
+    db = sqlite3.connect(path, isolation_level=None)
     try:
-        await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        # FULL: the checkpoint syncs the ledger file before the WAL may be reused.
-        await db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        for pragma in PRAGMAS:
+            db.execute(pragma)
+        _migrate(db, path)
+        _create(db)
+        db.execute("PRAGMA wal_autocheckpoint=0")
     except BaseException:
-        await db.close()
+        db.close()
         raise
     return db
 
 
-async def _checkpoint(db: aiosqlite.Connection) -> None:
+def _connect_checkpointer(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        # FULL: the checkpoint syncs the ledger file before the WAL may be reused.
+        db.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # SQLite may have rolled back already (disk full does that)
+
+
+async def _checkpoint(db: SqliteThread) -> None:
     """One PASSIVE checkpoint (never blocks the writer or readers). A failure is logged, not
     raised: the WAL only grows until a later one succeeds, and every commit stays durable."""
     try:
-        await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        await db.run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
     except Exception as exc:  # any failure (even a closed connection) stays out of commits
         log.warning("WAL checkpoint failed (%s); the WAL keeps growing until one succeeds",
                     exc)
@@ -500,9 +524,9 @@ def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-# A commit's lookups. Every call on the connection is a round trip to its thread (~80 µs on
-# the benchmark box), so each lookup is one statement for the whole batch, fetched whole:
-# ~10 round trips a commit, where a statement per tenant stepped through a cursor made ~70.
+# A commit's lookups: each is one statement for the whole batch, fetched whole (a statement
+# per tenant stepped through a cursor made ~70 statements a commit, when each was also a
+# round trip to aiosqlite's thread).
 # The (tenant, key) pairs come as a VALUES list; CROSS JOIN keeps it the outer loop, so each
 # pair is one search of the unique index (`(tenant, id) IN (VALUES ...)` scans the table).
 _EXISTING = (
@@ -624,38 +648,34 @@ def _rejection_row(
             raw if raw is not None else msg.raw, headers, existing_hash, new_hash, now)
 
 
-async def _create(db: aiosqlite.Connection) -> None:
+def _create(db: sqlite3.Connection) -> None:
     """The layout and its version row in one transaction (no-ops on a file that has them): a
     crash in between would leave a file that later starts take for version 1."""
     try:
-        await db.executescript(
+        db.executescript(
             f"BEGIN IMMEDIATE;\n{DDL}\nINSERT OR IGNORE INTO meta (key, value)"
             f" VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
     except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            await db.execute("ROLLBACK")
+        _rollback(db)
         raise
 
 
-async def _file_version(db: aiosqlite.Connection) -> int | None:
+def _file_version(db: sqlite3.Connection) -> int | None:
     """The schema version of an existing ledger file; None for a new (empty) one."""
-    async with db.execute(
-        "SELECT name FROM sqlite_master WHERE type='table' AND name IN ('meta','rejections')"
-    ) as cur:
-        tables = {row[0] async for row in cur}
+    tables = {row[0] for row in db.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name IN ('meta','rejections')")}
     if "meta" in tables:
-        async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
-            row = await cur.fetchone()
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is not None:
             return int(row[0])
     # Created by a version that crashed before recording its version: version 1 had it.
     return 1 if "rejections" in tables else None
 
 
-async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
     """Bring an older ledger file to SCHEMA_VERSION in place, one transaction per step (a
     crash leaves the file at its old version or the new one, never in between)."""
-    version = await _file_version(db)
+    version = _file_version(db)
     if version is None or version == SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
@@ -666,20 +686,19 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
         log.warning("migrating ledger %s from schema version %d to %d", path, version,
                     version + 1)
         started = time.monotonic()
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             for statement in MIGRATIONS[version]:
-                await db.execute(statement)
+                db.execute(statement)
             version += 1
-            await db.execute(
+            db.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
                 " ON CONFLICT (key) DO UPDATE SET value=excluded.value", (str(version),))
-            await db.execute("COMMIT")
+            db.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
+            _rollback(db)
             raise
         log.warning("ledger %s is at schema version %d (%.1f s)", path, version,
                     time.monotonic() - started)
     # A step can leave a WAL as large as the file: give the space back now.
-    await db.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
