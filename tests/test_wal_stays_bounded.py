@@ -1,8 +1,10 @@
 """The write-ahead log is copied back into the ledger file as ingest goes on, so it stays about
-one batch long however much is committed; a long reader only delays that, never commits."""
+one checkpoint interval of commits long however much is committed (one batch long when a
+checkpoint follows every commit); a long reader only delays that, never commits."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from harness import count_events, make_event
 
 from jetledger.schemas import Subjects, encode
 from jetledger.worker.ingest import Decoded, decode_message
-from jetledger.worker.writer import LedgerWriter
+from jetledger.worker.writer import CHECKPOINT_INTERVAL, LedgerWriter
 
 BATCH = 200
 SUBJECTS = Subjects()
@@ -31,10 +33,10 @@ def _wal_bytes(db: Path) -> int:
     return wal.stat().st_size if wal.exists() else 0
 
 
-async def test_the_wal_stays_about_one_batch_long_under_sustained_commits(
+async def test_with_a_checkpoint_after_every_commit_the_wal_stays_about_one_batch_long(
         tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
-    writer = await LedgerWriter.open(db, js_stream="JETLEDGER")
+    writer = await LedgerWriter.open(db, js_stream="JETLEDGER", checkpoint_interval=0)
     try:
         await writer.commit(_batch(1))
         one_batch = _wal_bytes(db)
@@ -47,10 +49,27 @@ async def test_the_wal_stays_about_one_batch_long_under_sustained_commits(
     assert count_events(db) == 40 * BATCH
 
 
-async def test_a_reader_holding_a_snapshot_delays_the_wal_reset_but_never_a_commit(
+async def test_at_the_shipped_interval_the_wal_holds_about_one_interval_of_commits(
         tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     writer = await LedgerWriter.open(db, js_stream="JETLEDGER")
+    try:
+        await writer.commit(_batch(1))
+        one_batch = _wal_bytes(db)
+        for n in range(1, 40):
+            # At most five commits an interval: fewer checkpoints than commits, but they go on.
+            await asyncio.sleep(CHECKPOINT_INTERVAL / 4)
+            await writer.commit(_batch(1 + n * BATCH))
+        assert _wal_bytes(db) <= 8 * one_batch  # 40 batches were written
+    finally:
+        await writer.close()
+    assert count_events(db) == 40 * BATCH
+
+
+async def test_a_reader_holding_a_snapshot_delays_the_wal_reset_but_never_a_commit(
+        tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    writer = await LedgerWriter.open(db, js_stream="JETLEDGER", checkpoint_interval=0)
     reader = sqlite3.connect(db, isolation_level=None)
     try:
         await writer.commit(_batch(1))
