@@ -1532,15 +1532,15 @@ class Bench:
 SPY_RATE = 100  # py-spy samples per second per thread (blocking: --native needs it)
 
 #: (category, substrings of a collapsed stack: any one matches), first match wins. Worker
-#: thread = the ingest event loop; the aiosqlite thread runs every SQLite call of the writer.
+#: thread = the ingest event loop; the writer's thread (`SqliteThread`) runs each commit
+#: whole, its SQL and its Python; the checkpoint has a thread of its own.
 _MAIN_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("canonical encode + sha256", ("_candidate (",)),
     ("decode + validate (msgspec, normalize)", ("decode_message (",)),
     ("notify (outcomes to producers, commit notices)", ("Ingestor._notify (",)),
     ("acks (msg.ack)", ("Msg.ack (",)),
     ("flush after acks", ("Client.flush (",)),
-    ("writer, Python side (lookups, rows, Outcomes)", ("LedgerWriter.", "writer.py")),
-    ("aiosqlite hand-off (futures, queue)", ("aiosqlite/",)),
+    ("hand-off to the writer's thread (futures)", ("SqliteThread.", "LedgerWriter.")),
     ("nats-py fetch/receive (parse, Msg, queue)", ("fetch (", "_fetch_n (", "next_msg",
                                                    "_read_loop (", "_process_msg (",
                                                    "Parser.parse (", "Msg.metadata",
@@ -1553,7 +1553,8 @@ _SQL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("SQLite fsync at COMMIT", ("fdatasync", "fsync")),
     ("SQLite executemany (inserts + index upkeep)", ("executemany",)),
     ("SQLite other statements (BEGIN, SELECTs, upserts)", ("execute",)),
-    ("aiosqlite thread: queue wait, hand-off", ("_connection_worker_thread",)),
+    ("writer, Python side (lookups, decisions, rows, Outcomes)", ("LedgerWriter.",
+                                                                  "writer.py")),
 )
 
 
@@ -1576,8 +1577,6 @@ def profile_breakdown(path: Path, events: int) -> dict[str, float]:
         rules = _MAIN_RULES if main else _SQL_RULES
         other = "asyncio event loop, other" if main else "other threads"
         category = next((name for name, keys in rules if any(k in stack for k in keys)), other)
-        if not main and "aiosqlite" not in stack and category == other:
-            category = "other threads"
         totals[category] += int(count)
     scale = 1e6 / SPY_RATE / max(1, events)
     return {k: round(v * scale, 2) for k, v in totals.most_common()}
