@@ -16,6 +16,7 @@ appends through; a lone append is sent at once, alone, as without coalescing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import itertools
@@ -904,7 +905,11 @@ class LedgerClient:
                 except TimeoutError:
                     pass
         finally:
-            await sub.unsubscribe()
+            # A caller that broke out of the loop leaves the generator for Python to close
+            # later, often after the client closed: the subscription went with it then.
+            with contextlib.suppress(nats.errors.ConnectionClosedError,
+                                     nats.errors.ConnectionDrainingError):
+                await sub.unsubscribe()
 
 
 def _error_reply(data: bytes, headers: dict[str, str], ct: str) -> Exception:

@@ -253,6 +253,19 @@ async def test_tail_from_now_skips_history(ledger: LedgerClient) -> None:
     await stream.aclose()  # type: ignore[attr-defined]
 
 
+async def test_a_tail_left_by_break_closes_quietly_after_its_client(
+        worker: RunningWorker) -> None:
+    # The README's example: `break` out of `tail`, then the client closes; Python closes the
+    # generator later (when it is collected, or at exit), with the connection gone.
+    client = await LedgerClient.connect(worker.url, tenant="acme")
+    await client.append(new_event(tenant="acme", stream="t", kind="k", data={}), wait=True)
+    stream = client.tail(after_position=0, poll_interval=0.5)
+    async for _ in stream:
+        break
+    await client.close()
+    await stream.aclose()  # type: ignore[attr-defined]  # raised ConnectionClosedError
+
+
 # --- a NATS service like any other -----------------------------------------------------
 
 
