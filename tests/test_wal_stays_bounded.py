@@ -33,37 +33,41 @@ def _wal_bytes(db: Path) -> int:
     return wal.stat().st_size if wal.exists() else 0
 
 
-async def test_with_a_checkpoint_after_every_commit_the_wal_stays_about_one_batch_long(
-        tmp_path: Path) -> None:
-    db = tmp_path / "ledger.db"
-    writer = await LedgerWriter.open(db, js_stream="JETLEDGER", checkpoint_interval=0)
+async def _sustained_commits(db: Path, *, checkpoint_interval: float,
+                             pause: float) -> tuple[int, int]:
+    """Commit 40 batches, pausing `pause` seconds before each after the first; the WAL's size
+    after the first and after the last."""
+    writer = await LedgerWriter.open(db, js_stream="JETLEDGER",
+                                     checkpoint_interval=checkpoint_interval)
     try:
         await writer.commit(_batch(1))
         one_batch = _wal_bytes(db)
         for n in range(1, 40):
+            if pause:
+                await asyncio.sleep(pause)
             await writer.commit(_batch(1 + n * BATCH))
-        written = 40 * one_batch
-        assert _wal_bytes(db) <= 3 * one_batch < written / 10
+        last = _wal_bytes(db)
     finally:
         await writer.close()
     assert count_events(db) == 40 * BATCH
+    return one_batch, last
+
+
+async def test_with_a_checkpoint_after_every_commit_the_wal_stays_about_one_batch_long(
+        tmp_path: Path) -> None:
+    one_batch, last = await _sustained_commits(tmp_path / "ledger.db", checkpoint_interval=0,
+                                               pause=0)
+    written = 40 * one_batch
+    assert last <= 3 * one_batch < written / 10
 
 
 async def test_at_the_shipped_interval_the_wal_holds_about_one_interval_of_commits(
         tmp_path: Path) -> None:
-    db = tmp_path / "ledger.db"
-    writer = await LedgerWriter.open(db, js_stream="JETLEDGER")
-    try:
-        await writer.commit(_batch(1))
-        one_batch = _wal_bytes(db)
-        for n in range(1, 40):
-            # At most five commits an interval: fewer checkpoints than commits, but they go on.
-            await asyncio.sleep(CHECKPOINT_INTERVAL / 4)
-            await writer.commit(_batch(1 + n * BATCH))
-        assert _wal_bytes(db) <= 8 * one_batch  # 40 batches were written
-    finally:
-        await writer.close()
-    assert count_events(db) == 40 * BATCH
+    # At most five commits an interval: fewer checkpoints than commits, but they go on.
+    one_batch, last = await _sustained_commits(
+        tmp_path / "ledger.db", checkpoint_interval=CHECKPOINT_INTERVAL,
+        pause=CHECKPOINT_INTERVAL / 4)
+    assert last <= 8 * one_batch  # 40 batches were written
 
 
 async def test_a_reader_holding_a_snapshot_delays_the_wal_reset_but_never_a_commit(
