@@ -280,8 +280,16 @@ def events_sql(tenant: str, q: EventsQuery) -> tuple[str, list[Any]]:
         # Within one stream, seq and position rise together; ordering by seq lets
         # SQLite walk the (stream_id, seq) index instead of sorting.
         order = f"{'seq' if q.stream is not None else 'position'} {direction}"
+    index = ""
+    ranged = q.time_from is not None or q.time_to is not None
+    if (q.kinds and ranged and q.order_by == "position" and q.stream is None
+            and q.correlation_id is None and q.causation_id is None):
+        # Named, not left to the planner: without statistics (the worker never runs
+        # ANALYZE) it walked the tenant's positions for two kinds, filtering every event
+        # since the tenant's first (215 ms a page at 1M events, growing with the ledger).
+        index = " INDEXED BY events_tenant_kind_time"
     sql = (
-        f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+        f"SELECT {_EVENT_COLUMNS} FROM events{index} WHERE {' AND '.join(where)}"
         f" ORDER BY {order} LIMIT ?"
     )
     return sql, [*params, q.limit + 1]
