@@ -91,6 +91,29 @@ async def test_experience_store_filters_combine(ledger: LedgerClient) -> None:
     assert minutes == [2, 6, 8]  # i%2==0, i%3!=1, 2 <= i <= 8 (bounds inclusive)
 
 
+async def test_a_time_range_pages_by_position_in_both_directions(ledger: LedgerClient) -> None:
+    """Events happened in the reverse of their commit order, so the range's time index and
+    the position order disagree; each page is still the next events by position, with
+    nothing skipped or repeated, with and without a kind filter."""
+    kinds = ["plan", "act", "observe"]
+    positions: dict[str, list[int]] = {k: [] for k in kinds}
+    for i in range(24):
+        result = await ledger.append(new_event(
+            tenant="acme", stream=f"run-{i % 3}", kind=kinds[i % 3], data={"i": i},
+            occurred_at=T0 - timedelta(minutes=i)), wait=True)
+        if 4 <= i <= 19:  # inside the range queried below
+            assert result.position is not None
+            positions[kinds[i % 3]].append(result.position)
+    window = {"time_from": T0 - timedelta(minutes=19), "time_to": T0 - timedelta(minutes=4)}
+    for kinds_asked in ([], ["plan", "observe"]):
+        expected = sorted(p for k, ps in positions.items() if not kinds_asked or k in kinds_asked
+                          for p in ps)
+        for order in ("asc", "desc"):
+            got = [e.position async for e in ledger.iter_events(
+                kinds=kinds_asked, limit=3, order=order, **window)]
+            assert got == (expected if order == "asc" else expected[::-1]), (kinds_asked, order)
+
+
 async def test_events_caused_by_an_event(ledger: LedgerClient) -> None:
     cause = await ledger.append(new_event(tenant="acme", stream="s", kind="k", data={}),
                                 wait=True)

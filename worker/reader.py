@@ -280,17 +280,25 @@ def events_sql(tenant: str, q: EventsQuery) -> tuple[str, list[Any]]:
         # Within one stream, seq and position rise together; ordering by seq lets
         # SQLite walk the (stream_id, seq) index instead of sorting.
         order = f"{'seq' if q.stream is not None else 'position'} {direction}"
-    index = ""
+    where_sql = " AND ".join(where)
     ranged = q.time_from is not None or q.time_to is not None
-    if (q.kinds and ranged and q.order_by == "position" and q.stream is None
-            and q.correlation_id is None and q.causation_id is None):
+    if q.order_by == "occurred_at" or q.stream is not None or not ranged:
+        sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where_sql} ORDER BY {order} LIMIT ?"
+        return sql, [*params, q.limit + 1]
+    # A time range ordered by position: the range is found on a time index and sorted by
+    # position. Deferred row fetch: the inner select reads that index alone and sorts
+    # integers, and only the page's rows are read, each once. Reading and sorting every row
+    # of the range (two pages' worth) made the benchmark's page SQL 0.70 ms p50, against
+    # 0.44 this way (docs/performance.md, round 9).
+    index = ""
+    if q.kinds and q.correlation_id is None and q.causation_id is None:
         # Named, not left to the planner: without statistics (the worker never runs
         # ANALYZE) it walked the tenant's positions for two kinds, filtering every event
         # since the tenant's first (215 ms a page at 1M events, growing with the ledger).
         index = " INDEXED BY events_tenant_kind_time"
     sql = (
-        f"SELECT {_EVENT_COLUMNS} FROM events{index} WHERE {' AND '.join(where)}"
-        f" ORDER BY {order} LIMIT ?"
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE position IN (SELECT position FROM events"
+        f"{index} WHERE {where_sql} ORDER BY {order} LIMIT ?) ORDER BY {order}"
     )
     return sql, [*params, q.limit + 1]
 
