@@ -119,6 +119,10 @@ async def test_metrics_count_outcomes_batches_queries_and_probes_answer(
                   (("op", "get"), ("outcome", "not_found")))] == 1
         assert m[("jetledger_storage_failing", ())] == 0
         assert m[("jetledger_ready", ())] == 1
+        # No reader held a snapshot: each checkpoint copied the whole WAL back.
+        assert m[("jetledger_wal_frames", ())] >= 1
+        assert m[("jetledger_wal_frames_not_checkpointed", ())] == 0
+        assert m[("jetledger_wal_checkpoint_failures_total", ())] == 0
 
         async def drained() -> Any:
             m = await _metrics(worker)

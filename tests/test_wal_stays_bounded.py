@@ -1,6 +1,7 @@
 """The write-ahead log is copied back into the ledger file as ingest goes on, so it stays about
 one checkpoint interval of commits long however much is committed (one batch long when a
-checkpoint follows every commit); a long reader only delays that, never commits."""
+checkpoint follows every commit); a long reader only delays that, never commits, and each
+checkpoint's report (what the metrics show) says how much of the WAL it could copy."""
 
 from __future__ import annotations
 
@@ -96,6 +97,31 @@ async def test_a_reader_holding_a_snapshot_delays_the_wal_reset_but_never_a_comm
     assert count_events(db) == 40 * BATCH
 
 
+async def test_each_checkpoint_reports_the_pages_a_reader_still_holds(tmp_path: Path) -> None:
+    """What the metrics show an operator: jetledger_wal_frames_not_checkpointed is above 0
+    exactly while a reader's snapshot keeps pages in the WAL."""
+    db = tmp_path / "ledger.db"
+    writer = await LedgerWriter.open(db, js_stream="JETLEDGER", checkpoint_interval=0)
+    reader = sqlite3.connect(db, isolation_level=None)
+    try:
+        assert writer.wal is None  # no checkpoint yet
+        await writer.commit(_batch(1))
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()
+        for n in range(1, 4):
+            await writer.commit(_batch(1 + n * BATCH))
+        await writer._checkpoint_done()  # noqa: SLF001 - wait for the last report
+        assert writer.wal is not None and 0 < writer.wal.checkpointed < writer.wal.frames
+        reader.execute("COMMIT")
+        await writer.commit(_batch(1 + 4 * BATCH))
+        await writer._checkpoint_done()  # noqa: SLF001
+        assert writer.wal.frames > 0 and writer.wal.checkpointed == writer.wal.frames
+        assert writer.checkpoint_failures == 0
+    finally:
+        reader.close()
+        await writer.close()
+
+
 async def test_a_failing_checkpoint_is_logged_and_never_fails_a_commit(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     db = tmp_path / "ledger.db"
@@ -108,4 +134,5 @@ async def test_a_failing_checkpoint_is_logged_and_never_fails_a_commit(
     finally:
         await writer.close()
     assert "WAL checkpoint failed" in caplog.text
+    assert writer.checkpoint_failures >= 1  # jetledger_wal_checkpoint_failures_total
     assert count_events(db) == 5 * BATCH

@@ -168,7 +168,7 @@ class Worker:
         self.url = cfg.nats_url or ""
         self.metrics = WorkerMetrics(
             stats=lambda: self.ingestor.stats if self.ingestor is not None else None,
-            ready=self.is_ready)
+            ready=self.is_ready, writer=lambda: self._writer)
         self.health: HealthServer | None = None
         self._watches: dict[str, PermissionWatch] = {}
         self._running = False

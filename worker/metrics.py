@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker, in a registry of its own (tests run several workers).
 
 Counters of the ingest loop are read from `IngestStats` when Prometheus scrapes, so the loop
-itself carries no metrics code. Per-batch histograms come from `InstrumentedWriter` (a
+itself carries no metrics code; so are the writer's last WAL checkpoint report and its
+failed checkpoints. Per-batch histograms come from `InstrumentedWriter` (a
 `LedgerWriter` that times `commit`), query counts from the query service's `observe` hook
 (every answer by op and outcome, "overloaded" and malformed requests included).
 """
@@ -44,9 +45,11 @@ class WorkerMetrics:
         self,
         stats: Callable[[], IngestStats | None],
         ready: Callable[[], bool],
+        writer: Callable[[], LedgerWriter | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(stats, ready))
+        self.registry.register(_WalCollector(writer))
         ProcessCollector(registry=self.registry)
         self.batch_size = Histogram(
             "jetledger_commit_batch_messages", "Messages committed per SQLite transaction",
@@ -148,6 +151,35 @@ class _StatsCollector(Collector):
             "jetledger_storage_failing", "1 while the last commit attempt failed")
         failing.add_metric([], 0.0 if stats.last_error is None else 1.0)
         yield failing
+
+
+class _WalCollector(Collector):
+    """Reads the writer's last WAL checkpoint report at scrape time."""
+
+    def __init__(self, writer: Callable[[], LedgerWriter | None]):
+        self._writer = writer
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        writer = self._writer()
+        if writer is None:
+            return
+        yield CounterMetricFamily(
+            "jetledger_wal_checkpoint_failures", "WAL checkpoints that failed (logged)",
+            value=writer.checkpoint_failures)
+        wal = writer.wal
+        if wal is None:
+            return
+        yield GaugeMetricFamily(
+            "jetledger_wal_frames", "Pages the WAL held at the last checkpoint",
+            value=wal.frames)
+        yield GaugeMetricFamily(
+            "jetledger_wal_frames_not_checkpointed",
+            "Pages the last checkpoint could not copy into the ledger file (a reader's"
+            " snapshot still needs them; while above 0 the WAL cannot start over)",
+            value=wal.frames - wal.checkpointed)
 
 
 class InstrumentedWriter(LedgerWriter):

@@ -32,7 +32,7 @@ from .schema import DDL, MIGRATIONS, PRAGMAS, SCHEMA_VERSION
 from .sqlite_thread import SqliteThread
 from .times import to_micros
 
-__all__ = ["CHECKPOINT_INTERVAL", "LedgerWriter", "StorageError", "is_transient"]
+__all__ = ["CHECKPOINT_INTERVAL", "LedgerWriter", "StorageError", "WalState", "is_transient"]
 
 T = TypeVar("T")
 
@@ -53,6 +53,16 @@ CHECKPOINT_INTERVAL = 0.1
 
 class StorageError(Exception):
     """The database refused the batch; nothing of it was committed."""
+
+
+@dataclass(frozen=True)
+class WalState:
+    """What the last WAL checkpoint found (`PRAGMA wal_checkpoint`): the frames (pages) the
+    WAL held, and how many of them it copied into the ledger file. Fewer copied than held
+    means a reader's snapshot still needs the rest: the WAL cannot start over, and grows."""
+
+    frames: int
+    checkpointed: int
 
 
 #: Errors caused by what a message contains (a constraint it breaks, a value SQLite cannot
@@ -180,6 +190,9 @@ class LedgerWriter:
         self._checkpoint: asyncio.Task[None] | None = None
         self._checkpoint_interval = checkpoint_interval
         self._next_checkpoint = 0.0  # time.monotonic() from which the next one may start
+        #: The last checkpoint's report (None before the first), and the failed ones.
+        self.wal: WalState | None = None
+        self.checkpoint_failures = 0
         self._tenants = _Names("tenants", "tenant")
         self._kinds = _Names("kinds", "kind")
         self._last_ids = (0, 0, 0)  # stream, tenant, kind: the highest in the file
@@ -248,7 +261,7 @@ class LedgerWriter:
         now = time.monotonic()
         if now >= self._next_checkpoint:
             self._next_checkpoint = now + self._checkpoint_interval
-            self._checkpoint = asyncio.create_task(_checkpoint(self._checkpointer))
+            self._checkpoint = asyncio.create_task(self._run_checkpoint())
         return outcomes
 
     def _transaction(self, db: sqlite3.Connection, batch: list[Decoded]) -> list[list[Outcome]]:
@@ -270,6 +283,16 @@ class LedgerWriter:
         self._tenants.committed()
         self._kinds.committed()
         return outcomes
+
+    async def _run_checkpoint(self) -> None:
+        """A failure is logged and counted, not raised: the WAL only grows until a later
+        checkpoint succeeds, and every commit stays durable."""
+        try:
+            self.wal = await self._checkpointer.run(_wal_checkpoint)
+        except Exception as exc:  # any failure (even a closed connection) stays out of commits
+            self.checkpoint_failures += 1
+            log.warning("WAL checkpoint failed (%s); the WAL keeps growing until one succeeds",
+                        exc)
 
     async def _checkpoint_done(self) -> None:
         task, self._checkpoint = self._checkpoint, None
@@ -527,14 +550,10 @@ def _rollback(db: sqlite3.Connection) -> None:
         pass  # SQLite may have rolled back already (disk full does that)
 
 
-async def _checkpoint(db: SqliteThread) -> None:
-    """One PASSIVE checkpoint (never blocks the writer or readers). A failure is logged, not
-    raised: the WAL only grows until a later one succeeds, and every commit stays durable."""
-    try:
-        await db.run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
-    except Exception as exc:  # any failure (even a closed connection) stays out of commits
-        log.warning("WAL checkpoint failed (%s); the WAL keeps growing until one succeeds",
-                    exc)
+def _wal_checkpoint(conn: sqlite3.Connection) -> WalState:
+    """One PASSIVE checkpoint: never blocks the writer or readers."""
+    _busy, frames, checkpointed = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return WalState(frames=int(frames), checkpointed=int(checkpointed))
 
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:
