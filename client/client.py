@@ -385,12 +385,15 @@ class LedgerClient:
 
     def _take(self, tenant: str, lane: _Lane) -> list[_Pending]:
         """The queue's head, as much of it as one message holds: at most MAX_BATCH_EVENTS
-        events and max_payload bytes with headers (a notify inbox counted as if needed)."""
+        events and max_payload bytes with headers (a notify inbox counted as if needed).
+        Appends waiting for the worker share a bundle only with those that wait as long:
+        one notice serves the bundle, so each waits for it exactly its own timeout."""
         subject = self._subjects.batch(tenant)
         budget = (self._nc.max_payload - len(subject) - _BUNDLE_FRAME - self._ct_header
                   - self._notify_header)
         bundle: list[_Pending] = []
         used = 0
+        patience: float | None = None  # the timeout of the bundle's waiting appends
         while lane.queue and len(bundle) < MAX_BATCH_EVENTS:
             head = lane.queue[0]
             if head.future.done():
@@ -401,6 +404,12 @@ class LedgerClient:
             size = len(head.item) + 1
             if bundle and used + size > budget:  # the first fits alone: checked on queueing
                 break
+            if head.wait:
+                timeout = head.timeout or self.timeout
+                if patience is None:
+                    patience = timeout
+                elif timeout != patience:
+                    break
             used += size
             bundle.append(lane.queue.popleft())
         return bundle
@@ -433,7 +442,7 @@ class LedgerClient:
         else:
             subject = self._subjects.batch(tenant)
             payload = encode_bundle([p.item for p in bundle], self._ct)
-        # One notice serves the bundle: wait for it as long as its most patient member.
+        # One notice serves the bundle; its waiting members all have this timeout (`_take`).
         timeout = max((p.timeout or self.timeout for p in bundle if p.wait), default=None)
         try:
             results = await self._deliver(subject, payload, tenant, events, waits, timeout,

@@ -322,3 +322,25 @@ async def test_without_a_notice_each_waiting_append_of_a_bundle_is_decided_from_
     assert isinstance(clash, ConflictError) and clash.event_id == original.id
     assert isinstance(accepted, AppendResult) and accepted.outcome == "accepted"
     assert a.js_seq == b.js_seq == accepted.js_seq
+
+
+async def test_a_waiting_append_waits_its_own_timeout_not_a_longer_one_queued_beside_it(
+    worker: RunningWorker,
+) -> None:
+    """Without a notice (another inbox prefix, as above) a waiting append asks the ledger
+    when its own timeout has passed. Queued together with an append that waits longer, it
+    leaves in a bundle of its own: one notice serves a bundle, and a shared one would have
+    held it to the longer timeout."""
+    async with await LedgerClient.connect(worker.url, tenant="acme", inbox_prefix="NOBOX",
+                                          timeout=5.0) as client:
+        lead = asyncio.create_task(client.append(_ev("lead")))  # takes the free slot
+        quick = asyncio.create_task(client.append(_ev("q"), wait=True, timeout=0.2))
+        patient = asyncio.create_task(client.append(_ev("p"), wait=True, timeout=2.5))
+        started = time.monotonic()
+        result = await quick
+        assert time.monotonic() - started < 1.5  # not the 2.5 s of the one beside it
+        assert not patient.done()
+        assert result.outcome == "inserted"  # decided from the ledger
+        assert (await patient).outcome == "inserted"
+        assert (await lead).outcome == "accepted"
+        assert result.js_seq != (await patient).js_seq  # two messages
