@@ -101,13 +101,15 @@ async def test_redelivered_messages_are_no_ops(worker: RunningWorker) -> None:
             await js.publish("jetledger.evt.acme.k", encode(event))
     finally:
         await nc.close()
-    for _ in range(100):
-        done = query(worker.db_path, "SELECT max(last_js_seq) FROM ingest_state")[0][0]
-        if done == 20:
-            break
-        await asyncio.sleep(0.05)
     assert worker.worker.ingestor is not None
     stats = worker.worker.ingestor.stats
+    # The ingest loop counts a batch after its commit returns: a commit is visible in the
+    # file a moment before its outcomes are counted, so wait for the counts themselves.
+    for _ in range(100):
+        done = query(worker.db_path, "SELECT max(last_js_seq) FROM ingest_state")[0][0]
+        if done == 20 and stats.inserted + stats.duplicate == 20:
+            break
+        await asyncio.sleep(0.05)
     assert (stats.inserted, stats.duplicate) == (1, 19)
     assert check_ledger(worker.db_path).events == 1
 
