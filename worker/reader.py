@@ -228,8 +228,10 @@ _HEAD_SQL: Final = (f"SELECT {_STREAM_COLUMNS}, stream_id FROM streams"
 # 1 and head.seq are there for good, whatever was committed in between.
 _ENDS_SQL: Final = (f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = ?"
                     " AND seq IN (1, ?) ORDER BY seq")
+# One statement, so one snapshot: the rejections counted are those of the same commits.
 _STATS_SQL: Final = ("SELECT coalesce(sum(head_seq), 0), count(*), max(last_position),"
-                     f" max(updated_at) FROM streams WHERE tenant_id = {_TENANT_ID}")
+                     " max(updated_at), (SELECT count(*) FROM rejections WHERE tenant = ?)"
+                     f" FROM streams WHERE tenant_id = {_TENANT_ID}")
 
 
 def events_sql(tenant: str, q: EventsQuery) -> tuple[str, list[Any]]:
@@ -482,9 +484,8 @@ class LedgerReader:
         events): one row per stream read, never a scan of the events."""
 
         def counts(conn: sqlite3.Connection) -> TenantStats:
-            events, streams, last_position, last_at = _rows(conn, _STATS_SQL, [tenant])[0]
-            (rejections,) = _rows(
-                conn, "SELECT count(*) FROM rejections WHERE tenant = ?", [tenant])[0]
+            events, streams, last_position, last_at, rejections = _rows(
+                conn, _STATS_SQL, [tenant, tenant])[0]
             return TenantStats(
                 events=events, streams=streams, rejections=rejections,
                 last_position=last_position,
