@@ -341,8 +341,7 @@ class LedgerWriter:
         now = time.time_ns() // 1000
         last_stream_id, last_tenant_id, last_kind_id = self._last_ids
         events = [c.event for m in batch for c in m.events]  # every lookup walks these
-        self._tenants.begin(db, dict.fromkeys(ev.tenant for ev in events),
-                                  last_tenant_id)
+        self._tenants.begin(db, dict.fromkeys(ev.tenant for ev in events), last_tenant_id)
         self._kinds.begin(db, dict.fromkeys(ev.kind for ev in events), last_kind_id)
         existing = self._existing(db, events)
         heads = self._heads(db, events)
