@@ -25,8 +25,12 @@ async def test_readme_example_runs(worker: RunningWorker, tmp_path: Path) -> Non
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     lines = out.decode().splitlines()
+    assert len(lines) == 5, lines
     assert lines[0] == "inserted 1 1"
-    assert lines[-1].startswith("live: ")
+    assert lines[1].startswith("1 step_started ")
+    assert lines[2].startswith("2 tool_call_completed ")
+    assert lines[3] == "2"  # both appends waited for their commit: the head is deterministic
+    assert lines[4].startswith("live: ")
 
 
 def test_ci_runs_the_readme_test_command() -> None:
