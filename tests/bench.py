@@ -5,7 +5,9 @@ One run, one machine, one event mix. Every figure below comes from this run:
 
   bus ceiling        consume-only (fetch + ack, no storage) from a stream the worker's config made
   publish only       what the producers alone reach (the stream prefill), for context
-  storage ceiling    the same rows inserted into the worker's schema with raw sqlite3, in batches
+  storage ceiling    the same rows inserted into the worker's schema with raw sqlite3, in batches;
+                     again with only its unique indexes (dedupe, gap-free seqs), without the
+                     ones that serve queries: what those cost
   writer             the worker's own LedgerWriter.commit on pre-decoded batches
   eventsourcing      the `eventsourcing` library's SQLite application recorder, same events
   faststream         a FastStream JetStream pull subscriber + aiosqlite (the glue a user writes)
@@ -25,8 +27,9 @@ is never the bottleneck). All are stopped by PID at the end. The machine is shar
 read medians and ratios, not single figures.
 
 Modes: --quick (~30 s; the CI smoke test), --full (N = 1M, 15-25 min on 2 shared cores), --long
-(full plus growth at 10M stored). `--json OUT` saves every figure. `--profile-dir DIR` records the worker
-with py-spy during the first end-to-end repetition and prints where its time goes per event.
+(full plus growth at 10M stored). `--json OUT` saves every figure. `--profile-dir DIR` records
+the worker with py-spy during the first end-to-end repetition and prints where its time goes per
+event.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -465,7 +469,7 @@ async def _naive(sub: Any, nc: Any, job: ConsumeJob) -> tuple[float, int]:
 
 @dataclass(frozen=True)
 class StorageJob:
-    kind: str  # "raw" | "writer" | "eventsourcing"
+    kind: str  # "raw" | "raw_unique" | "writer" | "eventsourcing"
     db_path: str
     seed: int
     n: int
@@ -554,8 +558,8 @@ def child_storage(job: StorageJob) -> dict[str, Any]:
         return _run(_storage_writer(job, decoded))
     rows = _rows(decoded)
     del decoded
-    if job.kind == "raw":
-        return _storage_raw(job, rows)
+    if job.kind in ("raw", "raw_unique"):
+        return _storage_raw(job, rows, unique_only=job.kind == "raw_unique")
     return _storage_eventsourcing(job, rows)
 
 
@@ -585,7 +589,10 @@ _UPSERT_STREAM = (
 )
 
 
-def _open_ledger(path: str, synchronous: str | None = None) -> sqlite3.Connection:
+def _open_ledger(path: str, synchronous: str | None = None,
+                 unique_only: bool = False) -> sqlite3.Connection:
+    """A ledger file in the worker's layout; `unique_only` leaves out every non-unique index
+    of events (those serve queries; the unique ones are dedupe and gap-free seqs)."""
     from jetledger.worker.schema import DDL, PRAGMAS
 
     conn = sqlite3.connect(path, isolation_level=None)
@@ -593,7 +600,12 @@ def _open_ledger(path: str, synchronous: str | None = None) -> sqlite3.Connectio
         conn.execute(pragma)
     if synchronous is not None:
         conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.executescript(DDL)
+    ddl = DDL
+    if unique_only:
+        ddl, dropped = re.subn(r"CREATE INDEX IF NOT EXISTS events_\w+\s+ON events[^;]*;", "", ddl)
+        if not dropped:
+            raise RuntimeError("no non-unique index of events found in the DDL to leave out")
+    conn.executescript(ddl)
     return conn
 
 
@@ -613,8 +625,9 @@ def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]],
     conn.execute("COMMIT")
 
 
-def _storage_raw(job: StorageJob, rows: LedgerRows) -> dict[str, Any]:
-    conn = _open_ledger(job.db_path)
+def _storage_raw(job: StorageJob, rows: LedgerRows, unique_only: bool = False
+                 ) -> dict[str, Any]:
+    conn = _open_ledger(job.db_path, unique_only=unique_only)
     events = rows.events
     t0 = time.monotonic()
     for i in range(0, len(events), job.batch):
@@ -1207,6 +1220,7 @@ class Bench:
         p = self.profile
         start = time.time()
         for key, kind, n in (("storage_raw_eps", "raw", p.storage_events),
+                             ("storage_raw_unique_eps", "raw_unique", p.storage_events),
                              ("storage_writer_eps", "writer", p.writer_events),
                              ("eventsourcing_eps", "eventsourcing", p.storage_events)):
             vals = []
@@ -1617,6 +1631,7 @@ ROW_LABELS = (
     "publish ceiling (raw publish_async)",
     "publish only (LedgerClient, one message per append)",
     "storage ceiling (raw sqlite3, worker's batch)",
+    "storage, unique indexes only (raw sqlite3)",
     "LedgerWriter.commit (pre-decoded, worker's batch)",
     "eventsourcing SQLite recorder (worker's batch)",
     "FastStream pull batch + aiosqlite",
@@ -1674,6 +1689,8 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
         "e2e_over_coalescing_off": div(m("e2e_eps"), m("e2e_single_eps")),
         "e2e_over_naive": div(m("e2e_eps"), m("naive_eps")),
         "storage_over_eventsourcing": div(m("storage_raw_eps"), m("eventsourcing_eps")),
+        "storage_unique_only_over_eventsourcing": div(m("storage_raw_unique_eps"),
+                                                      m("eventsourcing_eps")),
         "writer_over_eventsourcing": div(m("storage_writer_eps"), m("eventsourcing_eps")),
         "writer_over_storage_ceiling": div(m("storage_writer_eps"), m("storage_raw_eps")),
         "e2e_coalescing_off_over_publish_only": div(m("e2e_single_eps"),
@@ -1705,6 +1722,8 @@ def render(r: dict[str, Any]) -> str:
     eps("publish ceiling (raw publish_async)", "publish_raw_eps")
     eps("publish only (LedgerClient, one message per append)", "publish_only_eps")
     eps("storage ceiling (raw sqlite3, worker's batch)", "storage_raw_eps")
+    eps("storage, unique indexes only (raw sqlite3)", "storage_raw_unique_eps",
+        "without the indexes that serve queries")
     eps("LedgerWriter.commit (pre-decoded, worker's batch)", "storage_writer_eps")
     eps("eventsourcing SQLite recorder (worker's batch)", "eventsourcing_eps")
     eps("FastStream pull batch + aiosqlite", "faststream_eps")
@@ -1814,7 +1833,8 @@ def main(argv: list[str] | None = None) -> int:
                              "at N needs queries)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=N",
                         help="override one size of the mode, e.g. --set backlog_events=200000 "
-                             f"(fields: {', '.join(f for f in Profile.__dataclass_fields__ if f != 'name')})")
+                             "(fields: " + ", ".join(
+                                 f for f in Profile.__dataclass_fields__ if f != "name") + ")")
     parser.add_argument("--label", default="", help="free text saved with the results (e.g. "
                         "which commit or snapshot was measured)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -1854,7 +1874,8 @@ def main(argv: list[str] | None = None) -> int:
     r["ratios"] = ratios(r)
     result = {"mode": profile.name, "profile": profile.__dict__, "machine": machine,
               "producers": bench.producers, "batch_size": BATCH,
-              "server_sync": args.server_sync, "label": args.label, "seconds": time.monotonic() - t0,
+              "server_sync": args.server_sync, "label": args.label,
+              "seconds": time.monotonic() - t0,
               "results": r, "notes": bench.notes}
     print(f"jetledger benchmark, mode {profile.name}: {machine['cpu_model']}, "
           f"{machine['cores']} cores, Python {machine['python']}, SQLite {machine['sqlite']}, "

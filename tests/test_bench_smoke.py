@@ -7,6 +7,7 @@ dominated by start-up. Speed is judged from a full run (docs/performance.md).
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ ROWS = (
     "publish ceiling (raw publish_async)",
     "publish only (LedgerClient, one message per append)",
     "storage ceiling (raw sqlite3, worker's batch)",
+    "storage, unique indexes only (raw sqlite3)",
     "LedgerWriter.commit (pre-decoded, worker's batch)",
     "eventsourcing SQLite recorder (worker's batch)",
     "FastStream pull batch + aiosqlite",
@@ -51,16 +53,18 @@ MACHINE_KEYS = {"cpu_model", "cores", "python", "sqlite", "nats_py", "loadavg_st
                 "loadavg_end"}
 RESULT_KEYS = {
     "micro", "publish_only_eps", "publish_raw_eps", "bus_ceiling_eps", "naive_eps",
-    "faststream_eps", "storage_raw_eps", "storage_writer_eps", "eventsourcing_eps", "e2e_eps",
-    "e2e_single_eps", "e2e_batch_eps", "latency", "ledger_build", "query_windows_s", "queries",
+    "faststream_eps", "storage_raw_eps", "storage_raw_unique_eps", "storage_writer_eps",
+    "eventsourcing_eps", "e2e_eps", "e2e_single_eps", "e2e_batch_eps", "latency",
+    "ledger_build", "query_windows_s", "queries",
     "growth_n_eps", "growth_n_events", "ingest_under_queries_eps", "growth_long_eps",
     "growth_backlog", "growth_drain_0_eps", "growth_drain_n_eps", "growth_drain_n_stored",
     "memory", "query_plan", "ratios", "box", "e2e_cpu_us_per_event",
 }
 RATIO_KEYS = {
     "e2e_over_bus_ceiling", "e2e_batch_over_bus_ceiling", "e2e_over_coalescing_off",
-    "e2e_over_naive", "storage_over_eventsourcing", "writer_over_eventsourcing",
-    "writer_over_storage_ceiling", "e2e_coalescing_off_over_publish_only",
+    "e2e_over_naive", "storage_over_eventsourcing", "storage_unique_only_over_eventsourcing",
+    "writer_over_eventsourcing", "writer_over_storage_ceiling",
+    "e2e_coalescing_off_over_publish_only",
     "publish_only_over_raw", "bus_ceiling_over_publish_raw",
     "growth_n_over_0", "growth_long_over_0", "ingest_c32_queries_over_alone",
     "ingest_c1_queries_over_alone",
@@ -104,3 +108,24 @@ def test_quick_mode_completes_and_reports_everything(tmp_path: Path) -> None:
     sections = {"bus", "storage", "e2e", "latency", "queries", "growth", "memory"}
     shares = {"seconds", "busy_pct", "steal_pct"} if Path("/proc/stat").exists() else {"seconds"}
     assert all(shares <= results["box"][name].keys() for name in sections), results["box"]
+
+
+def test_the_unique_only_layout_keeps_the_guarantees_indexes_and_drops_the_query_ones(
+        tmp_path: Path) -> None:
+    """The storage row "unique indexes only" is the worker's layout minus exactly the
+    indexes that serve queries: dedupe and gap-free seqs keep theirs."""
+    sys.path.insert(0, str(BENCH.parent))
+    import bench
+
+    def indexes(conn: sqlite3.Connection) -> dict[str, int]:
+        return dict(conn.execute("SELECT name, \"unique\" FROM pragma_index_list('events')"))
+
+    full = bench._open_ledger(str(tmp_path / "full.db"))
+    unique_only = bench._open_ledger(str(tmp_path / "unique.db"), unique_only=True)
+    try:
+        assert indexes(unique_only) == {n: u for n, u in indexes(full).items() if u}
+        assert set(indexes(unique_only)) == {"events_tenant_id", "events_stream_seq"}
+        assert len(indexes(full)) == 7
+    finally:
+        full.close()
+        unique_only.close()
