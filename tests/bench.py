@@ -6,8 +6,8 @@ One run, one machine, one event mix. Every figure below comes from this run:
   bus ceiling        consume-only (fetch + ack, no storage) from a stream the worker's config made
   publish only       what the producers alone reach (the stream prefill), for context
   storage ceiling    the same rows inserted into the worker's schema with raw sqlite3, in batches;
-                     again with only its unique indexes (dedupe, gap-free seqs), without the
-                     ones that serve queries: what those cost
+                     again with only the unique indexes of events (dedupe, gap-free seqs),
+                     without the ones that serve queries: what those cost
   writer             the worker's own LedgerWriter.commit on pre-decoded batches
   eventsourcing      the `eventsourcing` library's SQLite application recorder, same events
   faststream         a FastStream JetStream pull subscriber + aiosqlite (the glue a user writes)
@@ -46,7 +46,6 @@ import multiprocessing
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import sqlite3
@@ -600,12 +599,12 @@ def _open_ledger(path: str, synchronous: str | None = None,
         conn.execute(pragma)
     if synchronous is not None:
         conn.execute(f"PRAGMA synchronous={synchronous}")
-    ddl = DDL
-    if unique_only:
-        ddl, dropped = re.subn(r"CREATE INDEX IF NOT EXISTS events_\w+\s+ON events[^;]*;", "", ddl)
-        if not dropped:
-            raise RuntimeError("no non-unique index of events found in the DDL to leave out")
-    conn.executescript(ddl)
+    conn.executescript(DDL)
+    if unique_only:  # asked of SQLite, not edited out of the DDL's text: exact by construction
+        query = ("SELECT name FROM pragma_index_list('events')"
+                 " WHERE \"unique\" = 0 AND origin = 'c'")
+        for (name,) in conn.execute(query).fetchall():
+            conn.execute(f'DROP INDEX "{name}"')
     return conn
 
 
@@ -902,9 +901,12 @@ async def _faststream(job: FastStreamJob) -> dict[str, Any]:
         await asyncio.wait_for(done.wait(), timeout=max(60.0, job.n / 200))
         seconds = time.monotonic() - state["t0"]
         # As the server has it, not as asked: the run is fair only if this fits a batch.
+        reported: int | None = None
         nc = await nats.connect(job.url)
         try:
-            info = await nc.jetstream().consumer_info(job.stream, "faststream-bench")
+            with contextlib.suppress(Exception):  # unknown (None): the smoke test then fails
+                info = await nc.jetstream().consumer_info(job.stream, "faststream-bench")
+                reported = info.config.max_ack_pending
         finally:
             await nc.close()
     finally:
@@ -912,8 +914,7 @@ async def _faststream(job: FastStreamJob) -> dict[str, Any]:
         await db.close()
     if errors:
         return {"error": f"the FastStream handler failed: {errors[0]}"}
-    return {"seconds": seconds, "n": state["n"],
-            "max_ack_pending": info.config.max_ack_pending}
+    return {"seconds": seconds, "n": state["n"], "max_ack_pending": reported}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1738,7 +1739,7 @@ def render(r: dict[str, Any]) -> str:
     eps("publish only (LedgerClient, one message per append)", "publish_only_eps")
     eps("storage ceiling (raw sqlite3, worker's batch)", "storage_raw_eps")
     eps("storage, unique indexes only (raw sqlite3)", "storage_raw_unique_eps",
-        "without the indexes that serve queries")
+        "events without the indexes that serve queries")
     eps("LedgerWriter.commit (pre-decoded, worker's batch)", "storage_writer_eps")
     eps("eventsourcing SQLite recorder (worker's batch)", "eventsourcing_eps")
     eps("FastStream pull batch + aiosqlite", "faststream_eps")

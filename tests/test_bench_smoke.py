@@ -6,6 +6,7 @@ dominated by start-up. Speed is judged from a full run (docs/performance.md).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sqlite3
 import subprocess
@@ -91,9 +92,10 @@ def test_quick_mode_completes_and_reports_everything(tmp_path: Path) -> None:
     results = data["results"]
     assert RESULT_KEYS <= results.keys(), RESULT_KEYS - results.keys()
     assert RATIO_KEYS <= results["ratios"].keys(), RATIO_KEYS - results["ratios"].keys()
-    # The peer's consumer lets a whole batch be in flight (JetStream's default of 1000 made
-    # each of its pulls of 2000 wait out the timeout: 8x slower than it can go).
-    assert results["faststream_max_ack_pending"] >= data["batch_size"], results
+    if importlib.util.find_spec("faststream") is not None:  # the `bench` extra, not `test`
+        # The peer's consumer lets a whole batch be in flight (JetStream's default of 1000
+        # made each of its pulls of 2000 wait out the timeout: 8x slower than it can go).
+        assert (results.get("faststream_max_ack_pending") or 0) >= data["batch_size"], results
     assert {"1k", "5k", "80pct"} <= results["latency"].keys()
     assert {"c1_idle", "c32_idle", "c1_ingest", "c32_ingest"} <= results["queries"].keys()
     assert {"c1", "c32"} <= results["ingest_under_queries_eps"].keys()
@@ -117,8 +119,7 @@ def test_the_unique_only_layout_keeps_the_guarantees_indexes_and_drops_the_query
         tmp_path: Path) -> None:
     """The storage row "unique indexes only" is the worker's layout minus exactly the
     indexes that serve queries: dedupe and gap-free seqs keep theirs."""
-    sys.path.insert(0, str(BENCH.parent))
-    import bench
+    import bench  # tests/ is on sys.path, as for `conftest`
 
     def indexes(conn: sqlite3.Connection) -> dict[str, int]:
         return dict(conn.execute("SELECT name, \"unique\" FROM pragma_index_list('events')"))
